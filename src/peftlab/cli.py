@@ -1,0 +1,239 @@
+"""The `peftlab` command: one function per subcommand; errors become messages and exit codes.
+
+Exit codes: 0 success, 1 bad input or a failed run, 2 bad usage (flags, config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from peftlab import __version__
+from peftlab.errors import PeftlabError
+
+app = typer.Typer(name="peftlab", help="Compare full fine-tuning with PEFT methods from one config.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Inspect data without training.", no_args_is_help=True)
+models_app = typer.Typer(help="Shipped model aliases: list and prepare.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+logger = logging.getLogger("peftlab")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/default.yaml.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set training.epochs=1 (repeatable).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"peftlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    """peftlab: one config, every method trained on the same data and split, one report."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("peftlab").setLevel(level)
+    for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: output.dir or runs/<config name>).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run: keep finished methods, resume the last from its checkpoint.")] = False,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names to run (default: all).")] = None,
+) -> None:
+    """Train and evaluate every method in CONFIG, then write the report."""
+    from peftlab.config import load_config
+    from peftlab.experiment import default_run_dir, run_experiment
+    from peftlab.report import render_results_console
+
+    cfg = load_config(config, set_)
+    run_dir = output or default_run_dir(cfg, config)
+    selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
+    render_results_console(experiment)
+    typer.echo(f"report: {run_dir / 'report.html'} (also report.md, results.csv, results.json)")
+    if any(r.status != "ok" for r in experiment.runs):
+        raise typer.Exit(1)
+
+
+@data_app.command("check")
+def data_check(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    tokens: Annotated[bool, typer.Option(help="Also count tokens and truncation (loads the tokenizer).")] = True,
+) -> None:
+    """Load and validate the data of CONFIG without training; print the data report."""
+    from peftlab.config import load_config
+    from peftlab.data import prepare_data
+    from peftlab.report import render_data_report_console
+
+    cfg = load_config(config, set_)
+    tokenizer = None
+    if tokens:
+        from peftlab.models import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    data = prepare_data(cfg.data, cfg.task, tokenizer)
+    render_data_report_console(data.report)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json.")]) -> None:
+    """Re-render report.md/html, results.csv and plots from a run's saved results."""
+    from peftlab.report import render_results_console, write_report
+    from peftlab.results import ExperimentResult
+
+    results = run_dir / "results.json"
+    if not results.is_file():
+        raise PeftlabError(f"{results} not found: {run_dir} is not a finished peftlab run")
+    experiment = ExperimentResult.load(results)
+    write_report(experiment, run_dir)
+    render_results_console(experiment)
+    typer.echo(f"report: {run_dir / 'report.html'}")
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the selectable methods with their key options and defaults."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftlab.methods import describe_methods
+
+    table = Table(title="peftlab methods")
+    for column in ("method", "what it trains", "options (defaults)", "merge"):
+        table.add_column(column, overflow="fold")
+    for row in describe_methods():
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
+        table.add_row(row["method"], row["description"], options, "yes" if row["mergeable"] else "no")
+    Console(width=160).print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show shipped model aliases, where each is cached and its size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftlab.models import list_models
+    from peftlab.report import human_bytes
+
+    table = Table(title="shipped models")
+    for column in ("alias", "task", "prepared", "size", "path", "description"):
+        table.add_column(column, overflow="fold")
+    for row in list_models():
+        table.add_row(row["alias"], row["task"], "yes" if row["prepared"] else "no (prepared on first use)",
+                      human_bytes(row["size_bytes"]), str(row["path"] or row.get("problem", "")), row["description"])
+    Console(width=160).print(table)
+
+
+@models_app.command("prepare")
+def models_prepare(
+    alias: Annotated[str, typer.Argument(help="Alias from `peftlab models list`.")],
+    force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
+) -> None:
+    """Convert a shipped model into a cached Hugging Face folder (once)."""
+    from peftlab.models import folder_size, prepare_model
+    from peftlab.report import human_bytes
+
+    folder = prepare_model(alias, force=force)
+    typer.echo(f"{alias}: {folder} ({human_bytes(folder_size(folder))})")
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="RUN_DIR/<method> (FFT model or adapter) or a saved folder.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Texts from a .txt (one per line), .csv/.tsv or .jsonl file.")] = None,
+    column: Annotated[str, typer.Option(help="Text column for --file csv/tsv/jsonl.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 32,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write predictions (JSON lines) to this file.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model for an adapter (default: the one it was trained on).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
+) -> None:
+    """Classify texts with a saved model or adapter: label and every class's probability."""
+    from peftlab import fsutil
+    from peftlab.predict import load_predictor
+
+    items = list(texts or [])
+    if file is not None:
+        items += _read_texts(file, column)
+    if not items:
+        raise typer.BadParameter("give TEXT arguments or --file", param_hint="TEXTS")
+    if output is not None and output.exists() and not overwrite:
+        raise PeftlabError(f"{output} exists; pass --overwrite to replace it")
+    predictor = load_predictor(model_dir, base_model=base, batch_size=batch_size)
+    rows = predictor.predict_detailed(items, progress=file is not None)
+    if output is not None:
+        fsutil.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        typer.echo(f"{len(rows)} predictions written to {output}")
+        return
+    for row in rows:
+        if as_json:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{k} {v:.3f}" for k, v in row["probabilities"].items())
+            typer.echo(f"{row['label']}\t({probs})\t{row['text']}")
+
+
+def _read_texts(path: Path, column: str) -> list[str]:
+    from peftlab.data.loading import detect_format, get_field, read_table
+
+    if not path.is_file():
+        raise PeftlabError(f"--file {path} does not exist")
+    if path.suffix.lower() == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()]
+    table = read_table(path, detect_format(path, "auto"))
+    if column not in table.columns:
+        raise PeftlabError(f"{path}: no column {column!r}; columns found: {table.columns}. Pass --column")
+    return [str(get_field(r, column)) for r in table.records]
+
+
+def main() -> None:
+    """Console entry point: run the app, turning peftlab errors into a message and exit code."""
+    try:
+        app(standalone_mode=False)
+    except PeftlabError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun with --resume to continue", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,570 @@
+"""Experiment config: typed, validated at load, every problem reported at once.
+
+A config is YAML that mirrors these models one to one. CLI flags and
+``--set key.sub=value`` overrides edit the same tree before validation, so a
+typo in an override gets the same message as a typo in the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import math
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftlab.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class _Strict(BaseModel):
+    """Frozen model that rejects unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SplitConfig(_Strict):
+    """How one table is cut into train/validation/test."""
+
+    train: float = Field(0.8, gt=0, le=1, description="Fraction of rows for training.")
+    validation: float = Field(0.1, ge=0, lt=1, description="Fraction for per-epoch evaluation and best-epoch choice.")
+    test: float = Field(0.1, ge=0, lt=1, description="Fraction held out for the final report; 0 reuses validation.")
+    seed: int = Field(42, description="Seed of the shuffle; the same seed gives the same split for every method.")
+    stratify: bool = Field(True, description="Keep class proportions equal across splits.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.validation + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"split ratios must sum to 1, got train {self.train} + validation {self.validation} "
+                f"+ test {self.test} = {total:g}"
+            )
+        if self.validation == 0 and self.test == 0:
+            raise ValueError("validation and test are both 0: nothing to evaluate on; give validation a share")
+        return self
+
+
+class GivenSplits(_Strict):
+    """Files (or ``datasets`` split names) that already hold each split."""
+
+    train: str
+    validation: str | None = None
+    test: str | None = None
+
+
+class LabelBins(_Strict):
+    """Turn a numeric score column into classes: ``edges`` cut the score line into ``labels``."""
+
+    edges: list[float] = Field(min_length=1)
+    labels: list[str] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "LabelBins":
+        if len(self.labels) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.edges)} edges cut the line into {len(self.edges) + 1} bins, "
+                             f"but {len(self.labels)} labels were given")
+        if sorted(self.edges) != self.edges:
+            raise ValueError(f"edges must be increasing, got {self.edges}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the data is and how rows become (text, label) examples."""
+
+    path: str | None = Field(None, description="CSV/TSV/JSON/JSONL file, a `datasets` save_to_disk folder, or `shipped:NAME`.")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "datasets"] = "auto"
+    record_path: str | None = Field(None, description="Dotted path to the record list inside a nested JSON file, e.g. `data`.")
+    header: bool = Field(True, description="CSV/TSV: the first line holds column names.")
+    column_names: list[str] | None = Field(None, description="CSV/TSV without a header: names of the columns.")
+    text_column: str = "text"
+    template: str | None = Field(None, description="Causal LM: build the text from several columns, e.g. '\"{quote}\" - {author}'.")
+    label_column: str = "label"
+    label_map: dict[str, str] | None = Field(
+        None, description="Raw label -> class name, e.g. {-1: 부정, 0: 중립, 1: 긍정}. Rows with other labels are dropped."
+    )
+    label_bins: LabelBins | None = Field(None, description="Numeric label column cut into classes by edges.")
+    clean: Literal["none", "basic", "korean"] = Field(
+        "none", description="basic: strip HTML and normalise whitespace; korean: also keep only Hangul, Latin, digits and basic punctuation."
+    )
+    drop_duplicates: bool = Field(True, description="Drop repeated texts (keeps the first) so no text is in two splits.")
+    max_length: int = Field(128, gt=0, le=8192, description="Tokens per example; longer texts are truncated and counted.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    splits: GivenSplits | None = Field(None, description="Use given splits instead of cutting one table.")
+    max_train_samples: int | None = Field(None, gt=0, description="Keep only the first N training rows (after the split).")
+    max_eval_samples: int | None = Field(None, gt=0, description="Keep only the first N validation and N test rows.")
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _stringify_keys(cls, value: Any) -> Any:
+        # YAML reads `-1: 부정` with an int key; raw labels are compared as strings.
+        if isinstance(value, dict):
+            return {_label_key(k): str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        if self.path is None and self.splits is None:
+            raise ValueError("give data.path (one table to split) or data.splits (train/validation/test files)")
+        if self.label_map is not None and self.label_bins is not None:
+            raise ValueError("use either data.label_map or data.label_bins, not both")
+        if not self.header and not self.column_names:
+            raise ValueError("data.header is false: list the columns in data.column_names")
+        return self
+
+
+def _label_key(value: Any) -> str:
+    """Canonical string for a raw label: 1, 1.0, '1' and ' 1 ' all become '1'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Strict):
+    """The pretrained model every method starts from."""
+
+    path: str = Field("minilm-l6", description="A shipped alias (see `peftlab models list`) or a local Hugging Face folder.")
+    trust_remote_code: bool = Field(False, description="Run the model folder's own Python code (needed by e.g. KoBERT). Only for folders you trust.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on GPUs that support it."
+    )
+    allow_pickle: bool = Field(False, description="Allow loading weights stored as pickle (.bin); safetensors only by default.")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class MethodName(str, Enum):
+    """Every selectable fine-tuning method."""
+
+    FULL = "full"
+    LORA = "lora"
+    DORA = "dora"
+    IA3 = "ia3"
+    PROMPT_TUNING = "prompt_tuning"
+    PREFIX_TUNING = "prefix_tuning"
+    P_TUNING = "p_tuning"
+    ADALORA = "adalora"
+    LOHA = "loha"
+
+
+class _MethodBase(_Strict):
+    name: str | None = Field(None, description="Name of this run in reports and folders; defaults to the method name.")
+    learning_rate: float = Field(gt=0, description="Peak learning rate.")
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.method  # type: ignore[attr-defined]
+
+
+class FullConfig(_MethodBase):
+    """Full fine-tuning: every weight is trained and the whole model is saved."""
+
+    method: Literal["full"] = "full"
+    learning_rate: float = Field(5e-5, gt=0)
+
+
+class _LoraLike(_MethodBase):
+    r: int = Field(8, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt; default: peft's choice for the architecture (query/value for BERT-likes)."
+    )
+    learning_rate: float = Field(5e-4, gt=0)
+
+
+class LoraConfig(_LoraLike):
+    """LoRA: low-rank updates on chosen linear layers; classifier head trained and saved with the adapter."""
+
+    method: Literal["lora"] = "lora"
+    use_rslora: bool = False
+
+
+class DoraConfig(_LoraLike):
+    """DoRA: LoRA with a learned magnitude per output feature."""
+
+    method: Literal["dora"] = "dora"
+
+
+class LohaConfig(_LoraLike):
+    """LoHa: low-rank Hadamard product updates."""
+
+    method: Literal["loha"] = "loha"
+    alpha: float = Field(8, gt=0)
+
+
+class AdaLoraConfig(_LoraLike):
+    """AdaLoRA: LoRA whose rank budget is reallocated during training."""
+
+    method: Literal["adalora"] = "adalora"
+    init_r: int = Field(12, gt=0, description="Starting rank of every layer.")
+    r: int = Field(8, gt=0, description="Average target rank after pruning.")
+    tinit_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps before pruning starts.")
+    tfinal_fraction: float = Field(0.2, ge=0, lt=1, description="Share of final steps with fixed ranks.")
+    learning_rate: float = Field(1e-3, gt=0)
+
+
+class Ia3Config(_MethodBase):
+    """IA3: learned rescaling vectors on attention and feed-forward activations."""
+
+    method: Literal["ia3"] = "ia3"
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+    learning_rate: float = Field(3e-3, gt=0)
+
+
+class PromptTuningConfig(_MethodBase):
+    """Prompt tuning: trainable virtual token embeddings prepended to the input."""
+
+    method: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: int | None = Field(
+        None, gt=0, description="Virtual tokens; default 20, or the init text's token count with init TEXT."
+    )
+    init: Literal["RANDOM", "TEXT"] = "RANDOM"
+    init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt (init TEXT).")
+    learning_rate: float = Field(3e-2, gt=0)
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _text_needs_text(self) -> "PromptTuningConfig":
+        if self.init == "TEXT" and not self.init_text:
+            raise ValueError("init TEXT needs init_text, e.g. init_text: 'Classify the sentiment of this review'")
+        return self
+
+
+class PrefixTuningConfig(_MethodBase):
+    """Prefix tuning: trainable key/value prefixes in every attention layer."""
+
+    method: Literal["prefix_tuning"] = "prefix_tuning"
+    num_virtual_tokens: int = Field(20, gt=0)
+    prefix_projection: bool = Field(False, description="Reparameterise the prefix through an MLP.")
+    learning_rate: float = Field(1e-2, gt=0)
+
+
+class PTuningConfig(_MethodBase):
+    """P-tuning: virtual tokens produced by a small trainable prompt encoder."""
+
+    method: Literal["p_tuning"] = "p_tuning"
+    num_virtual_tokens: int = Field(20, gt=0)
+    encoder_hidden_size: int = Field(128, gt=0)
+    encoder_type: Literal["MLP", "LSTM"] = "MLP"
+    learning_rate: float = Field(1e-3, gt=0)
+
+
+MethodConfig = Annotated[
+    Union[
+        FullConfig,
+        LoraConfig,
+        DoraConfig,
+        Ia3Config,
+        PromptTuningConfig,
+        PrefixTuningConfig,
+        PTuningConfig,
+        AdaLoraConfig,
+        LohaConfig,
+    ],
+    Field(discriminator="method"),
+]
+
+METHOD_CONFIGS: dict[str, type[_MethodBase]] = {
+    typing.get_args(cls.model_fields["method"].annotation)[0]: cls
+    for cls in typing.get_args(typing.get_args(MethodConfig)[0])
+}
+
+
+# --------------------------------------------------------------------------- training / output
+
+
+class TrainingConfig(_Strict):
+    """One training recipe shared by every method, so differences come from the method alone."""
+
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    seed: int = 42
+    metric_for_best_model: Literal["f1_macro", "accuracy", "precision_macro", "recall_macro", "loss"] = Field(
+        "f1_macro", description="Validation metric that picks the best epoch (causal LMs always use loss)."
+    )
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after this many epochs without improvement.")
+    group_by_length: bool = Field(True, description="Batch texts of similar length together: less padding, faster steps.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    dataloader_num_workers: int = Field(0, ge=0)
+    logging_steps: int = Field(20, gt=0)
+
+
+class GenerationConfig(_Strict):
+    """Causal LM: prompts generated from before and after training, with stated decoding settings."""
+
+    prompts: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(40, gt=0, le=2048)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+
+
+class OutputConfig(_Strict):
+    dir: str | None = Field(None, description="Run directory; default runs/<config file name>.")
+
+
+class ExperimentConfig(_Strict):
+    """One experiment: the data, the model, the methods to compare, how to train and where to write."""
+
+    name: str | None = None
+    task: Literal["classification", "causal-lm"] = "classification"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    methods: list[MethodConfig] = Field(min_length=1)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _expand_short_names(cls, value: Any) -> Any:
+        # `methods: [full, lora]` is shorthand for `[{method: full}, {method: lora}]`;
+        # `{name: lora_r16, method: lora}` and `{name: lora}` (name is the method) also work.
+        if not isinstance(value, list):
+            return value
+        expanded = []
+        for item in value:
+            if isinstance(item, str):
+                item = {"method": item}
+            elif isinstance(item, dict) and "method" not in item and item.get("name") in METHOD_CONFIGS:
+                item = {**item, "method": item["name"]}
+            expanded.append(item)
+        return expanded
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ExperimentConfig":
+        names = [m.run_name for m in self.methods]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"methods share the name(s) {duplicated}: give each a distinct `name:`")
+        bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"method names {bad} must be letters, digits, '-' and '_' only (they become folder names)")
+        return self
+
+    def method(self, run_name: str) -> Any:
+        """The method config whose run name is ``run_name``."""
+        for m in self.methods:
+            if m.run_name == run_name:
+                return m
+        raise KeyError(run_name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate.
+
+    Args:
+        path: the YAML file (relative data/model paths are resolved against its folder).
+        overrides: dotted assignments such as ``training.epochs=1`` or ``methods.lora.r=16``.
+        data: an already-parsed config tree to use instead of ``path``.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: listing every problem found, each with its key and the fix.
+    """
+    if data is None:
+        if path is None:
+            raise ConfigError("no config given: pass a YAML file, e.g. `peftlab run configs/default.yaml`")
+        data = _read_yaml(Path(path))
+    tree = copy.deepcopy(data)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, methods, ...), got {type(tree).__name__}")
+    for item in overrides or []:
+        _apply_override(tree, item)
+    if path is not None:
+        _resolve_relative_paths(tree, Path(path).resolve().parent)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = f"{path}" if path is not None else "config"
+        problems = "\n".join(f"  - {_describe(err)}" for err in exc.errors())
+        raise ConfigError(f"{where} has {exc.error_count()} problem(s):\n{problems}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem}); check indentation and quoting there") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; it needs at least `data:` and `methods:`")
+    return data
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` to ``tree``; list items are addressed by index or method name."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not KEY=VALUE, e.g. --set training.epochs=1")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, key)
+            if last:
+                node[index] = value
+            else:
+                if isinstance(node[index], str):  # `methods: [lora]` shorthand: expand to edit it
+                    node[index] = {"method": node[index]}
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def _list_index(items: list[Any], part: str, key: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if -len(items) <= index < len(items):
+            return index
+        raise ConfigError(f"override {key!r}: index {part} is out of range (the list has {len(items)} items)")
+    for index, entry in enumerate(items):
+        name = entry if isinstance(entry, str) else (entry.get("name") or entry.get("method"))
+        if name == part:
+            return index
+    names = [e if isinstance(e, str) else (e.get("name") or e.get("method")) for e in items]
+    raise ConfigError(f"override {key!r}: no list item named {part!r}; items are {names}")
+
+
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
+    """Make data/model paths relative to the config file, as users expect from a config next to its data."""
+    data = tree.get("data")
+    if isinstance(data, dict):
+        if isinstance(data.get("path"), str):
+            data["path"] = _resolve(data["path"], base)
+        splits = data.get("splits")
+        if isinstance(splits, dict):
+            for split, value in splits.items():
+                if isinstance(value, str):
+                    splits[split] = _resolve(value, base)
+    model = tree.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = _resolve(model["path"], base, only_if_exists=True)
+
+
+def _resolve(value: str, base: Path, only_if_exists: bool = False) -> str:
+    if value.startswith("shipped:") or Path(value).is_absolute():
+        return value
+    candidate = (base / value).resolve()
+    if only_if_exists and not candidate.exists():
+        return value  # an alias or a hub id, not a relative folder
+    if not candidate.exists() and Path(value).exists():
+        return str(Path(value).resolve())  # relative to the working directory instead
+    return str(candidate)
+
+
+def _describe(err: Any) -> str:
+    """One line per pydantic error: dotted key, what is wrong, and a suggestion."""
+    loc = [str(part) for part in err["loc"]]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        allowed = _allowed_keys(err["loc"][:-1])
+        hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        where = ".".join(parent) or "top level"
+        return f"{'.'.join(loc)}: unknown key in {where}{suggestion} (allowed: {', '.join(sorted(allowed))})"
+    if kind == "union_tag_invalid":
+        return (f"{'.'.join(loc)}: unknown method {err['input'].get('method')!r}; "
+                f"choose one of {', '.join(m.value for m in MethodName)} (see `peftlab methods`)")
+    if kind == "union_tag_not_found":
+        return f"{'.'.join(loc)}: each method needs `method:` (one of {', '.join(m.value for m in MethodName)})"
+    message = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or kind == "missing" else f" (got {got!r})"
+    return f"{'.'.join(loc) or 'config'}: {message}{shown}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at ``loc`` in the config tree, for 'did you mean' hints."""
+    model: Any = ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(part, str) and part in METHOD_CONFIGS and model is _MethodBase:
+            model = METHOD_CONFIGS[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel inside an annotation such as ``X | None`` or ``list[Union[...]]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = typing.get_args(annotation)
+    for arg in args:
+        found = _model_in(arg)
+        if found is not None:
+            return _MethodBase if found in METHOD_CONFIGS.values() else found
+    return None
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML, saved beside every run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,261 @@
+"""Read raw tables from CSV/TSV/JSON/JSONL files, nested JSON and `datasets` folders.
+
+Each reader returns a :class:`RawTable`: records as dicts plus where each came
+from (file line or record number), so later stages can name the row that is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_DATA = {
+    "vader-movie-snippets": "vader_movie_snippets.tsv",
+    "ko-reviews": "ko_reviews.csv",
+    "quotes": "quotes.csv",
+}
+
+
+@dataclass
+class RawTable:
+    """Records read from one source, before any cleaning or label mapping."""
+
+    source: str
+    records: list[dict[str, Any]]
+    columns: list[str]
+    row_label: str = "row"  # how a position is named in messages: "line" for files, "record" for JSON
+    row_numbers: list[int] = field(default_factory=list)
+
+    def where(self, index: int) -> str:
+        number = self.row_numbers[index] if self.row_numbers else index + 1
+        return f"{self.source} {self.row_label} {number}"
+
+
+def shipped_data_path(name: str) -> Path:
+    """Path of a data set that ships inside peftlab (``shipped:NAME`` in configs)."""
+    filename = SHIPPED_DATA.get(name)
+    if filename is None:
+        raise DataError(f"unknown shipped data set {name!r}; shipped: {', '.join(sorted(SHIPPED_DATA))}")
+    path = Path(str(resources.files("peftlab") / "resources" / "data" / filename))
+    if not path.is_file():
+        raise DataError(f"shipped data set {name!r} is missing from the installation ({path}); reinstall peftlab")
+    return path
+
+
+def resolve_data_path(path: str) -> Path:
+    """Turn ``shipped:NAME`` or a filesystem path into an existing path."""
+    if path.startswith("shipped:"):
+        return shipped_data_path(path.removeprefix("shipped:"))
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise DataError(f"data.path {path} does not exist; give a CSV/TSV/JSON/JSONL file, a `datasets` folder, "
+                        f"or one of {', '.join('shipped:' + n for n in sorted(SHIPPED_DATA))}")
+    return resolved
+
+
+def detect_format(path: Path, declared: str) -> str:
+    """The reader to use: the declared one, else from the folder contents or the file suffix."""
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return "datasets"
+        raise DataError(f"{path} is a folder but not a `datasets` save_to_disk folder (no dataset_dict.json or "
+                        f"state.json); point data.path at a file or a folder saved with Dataset.save_to_disk")
+    suffix = path.suffix.lower()
+    known = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+    if suffix not in known:
+        raise DataError(f"cannot tell the format of {path} from its suffix {suffix!r}; set data.format to one of "
+                        f"csv, tsv, json, jsonl, datasets")
+    return known[suffix]
+
+
+def read_table(path: Path, fmt: str, *, record_path: str | None = None, header: bool = True,
+               column_names: list[str] | None = None, split: str | None = None) -> RawTable:
+    """Read ``path`` in format ``fmt`` into a :class:`RawTable`.
+
+    Args:
+        path: file or folder.
+        fmt: one of csv, tsv, json, jsonl, datasets (already detected).
+        record_path: dotted key of the record list inside a JSON document.
+        header: CSV/TSV whose first line names the columns.
+        column_names: names for a header-less CSV/TSV.
+        split: for a `datasets` DatasetDict, which split to read.
+
+    Raises:
+        DataError: empty file, bad encoding, malformed rows, wrong structure.
+    """
+    if fmt == "datasets":
+        return _read_datasets(path, split)
+    text = _read_text(path)
+    if fmt in ("csv", "tsv"):
+        return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", header, column_names)
+    if fmt == "jsonl":
+        return _read_jsonl(path, text)
+    return _read_json(path, text, record_path)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty; it needs a header line and at least one row")
+    try:
+        text = raw.decode("utf-8-sig")  # Excel writes a BOM; it must not end up in the first column's name
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 (invalid byte 0x{raw[exc.start]:02x} on line {line}); re-save it as "
+                        f"UTF-8, e.g. `iconv -f cp949 -t utf-8 {path.name} > fixed.csv` for Korean Windows files") from None
+    return text
+
+
+def _read_delimited(path: Path, text: str, delimiter: str, header: bool, column_names: list[str] | None) -> RawTable:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = [row for row in reader]
+    first_data_line = 1
+    if header:
+        columns = [c.strip() for c in rows[0]]
+        rows = rows[1:]
+        first_data_line = 2
+    else:
+        columns = list(column_names or [])
+    if column_names and header:
+        columns = list(column_names)
+    if len(columns) == 1 and rows:
+        other = "," if delimiter == "\t" else "\t"
+        if other in columns[0] or ";" in columns[0]:
+            found = "tab" if other == "\t" else ("comma" if other == "," else "semicolon")
+            raise DataError(f"{path}: only one column {columns[0][:60]!r} found with delimiter "
+                            f"{'tab' if delimiter == chr(9) else 'comma'}; the file looks {found}-separated: "
+                            f"set data.format to {'tsv' if other == chr(9) else 'csv'}")
+    records: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    for offset, row in enumerate(rows):
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank lines carry nothing; they are not data rows
+        if len(row) > len(columns):
+            # a text with an unquoted delimiter; keep the extra cells in the last column rather than lose the row
+            row = row[: len(columns) - 1] + [delimiter.join(row[len(columns) - 1 :])]
+        records.append({c: (row[i] if i < len(row) else None) for i, c in enumerate(columns)})
+        numbers.append(offset + first_data_line)
+    if not records:
+        raise DataError(f"{path} has a header but no data rows")
+    return RawTable(str(path), records, columns, "line", numbers)
+
+
+def _read_jsonl(path: Path, text: str) -> RawTable:
+    records, numbers = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                            f"each line must be one JSON object") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object per line, got {type(item).__name__}")
+        records.append(item)
+        numbers.append(number)
+    return RawTable(str(path), records, _columns_of(records), "line", numbers)
+
+
+def _read_json(path: Path, text: str, record_path: str | None) -> RawTable:
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (one object per line? set data.format: jsonl)" if exc.msg == "Extra data" else ""
+        raise DataError(f"{path} line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}){hint}") from None
+    records = document
+    if record_path:
+        for key in record_path.split("."):
+            if not isinstance(records, dict) or key not in records:
+                keys = list(records) if isinstance(records, dict) else type(records).__name__
+                raise DataError(f"{path}: data.record_path {record_path!r} not found at {key!r}; keys there: {keys}")
+            records = records[key]
+    elif isinstance(records, dict):
+        # AI-Hub exports wrap the records as {"data": [...]}; accept any single list-valued key.
+        lists = [k for k, v in records.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: the JSON top level is an object with keys {list(records)[:10]}; "
+                            f"set data.record_path to the key that holds the list of records")
+        records = records[lists[0]]
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a list of records, got {type(records).__name__}; set data.record_path")
+    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+    if bad:
+        raise DataError(f"{path}: record {bad[0] + 1} is a {type(records[bad[0]]).__name__}, not an object; "
+                        f"every record must be a JSON object")
+    if not records:
+        raise DataError(f"{path} contains no records")
+    return RawTable(str(path), records, _columns_of(records), "record", list(range(1, len(records) + 1)))
+
+
+def _read_datasets(path: Path, split: str | None) -> RawTable:
+    import datasets  # imported here: `datasets` is slow to import and only this reader needs it
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{path} is not a `datasets` folder saved with save_to_disk ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            raise DataError(f"{path} is a DatasetDict with splits {list(loaded)}; use data.splits to name them")
+        if split not in loaded:
+            raise DataError(f"{path} has no split {split!r}; splits: {list(loaded)}")
+        loaded = loaded[split]
+    records = loaded.to_list()
+    source = f"{path}[{split}]" if split else str(path)
+    return RawTable(source, records, list(loaded.column_names), "row", list(range(1, len(records) + 1)))
+
+
+def dataset_dict_splits(path: Path) -> list[str] | None:
+    """Split names when ``path`` is a saved DatasetDict, else None."""
+    marker = path / "dataset_dict.json"
+    if not marker.is_file():
+        return None
+    return list(json.loads(marker.read_text(encoding="utf-8")).get("splits", []))
+
+
+def _columns_of(records: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for record in records[:1000]:
+        for key in record:
+            seen.setdefault(key, None)
+    return list(seen)
+
+
+def get_field(record: dict[str, Any], column: str) -> Any:
+    """``record[column]``, where a dotted column reaches into nested JSON objects."""
+    if column in record:
+        return record[column]
+    value: Any = record
+    for key in column.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def has_column(table: RawTable, column: str) -> bool:
+    """Whether any record has ``column`` (dotted paths allowed)."""
+    if column in table.columns:
+        return True
+    return any(get_field(r, column) is not _MISSING for r in table.records[:1000])

@@ -1,0 +1,47 @@
+"""Prompt-learning methods: virtual tokens (prompt tuning, p-tuning) or per-layer prefixes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftlab.errors import MethodError
+
+
+def num_virtual_tokens(method_config: Any, context: Any) -> int:
+    """The configured count, else the init text's token count (TEXT init) or 20."""
+    if method_config.num_virtual_tokens:
+        return int(method_config.num_virtual_tokens)
+    if method_config.init == "TEXT" and context.tokenizer is not None:
+        return len(context.tokenizer(method_config.init_text, add_special_tokens=False)["input_ids"])
+    return 20
+
+
+def build_prompt_tuning(method_config: Any, context: Any) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    kwargs: dict[str, Any] = {}
+    if method_config.init == "TEXT":
+        # peft loads the tokenizer from this path to embed the init text; it must be a local folder here.
+        kwargs = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": method_config.init_text,
+                  "tokenizer_name_or_path": context.tokenizer_path}
+    else:
+        kwargs = {"prompt_tuning_init": PromptTuningInit.RANDOM}
+    return PromptTuningConfig(task_type=context.task_type,
+                              num_virtual_tokens=num_virtual_tokens(method_config, context), **kwargs)
+
+
+def build_prefix_tuning(method_config: Any, context: Any) -> Any:
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type=context.task_type, num_virtual_tokens=method_config.num_virtual_tokens,
+                              prefix_projection=method_config.prefix_projection)
+
+
+def build_p_tuning(method_config: Any, context: Any) -> Any:
+    from peft import PromptEncoderConfig
+
+    if method_config.encoder_type not in ("MLP", "LSTM"):
+        raise MethodError(f"p_tuning encoder_type must be MLP or LSTM, got {method_config.encoder_type!r}")
+    return PromptEncoderConfig(task_type=context.task_type, num_virtual_tokens=method_config.num_virtual_tokens,
+                               encoder_hidden_size=method_config.encoder_hidden_size,
+                               encoder_reparameterization_type=method_config.encoder_type)

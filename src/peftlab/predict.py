@@ -1,0 +1,189 @@
+"""Load a saved FFT model or a PEFT adapter (on its base) and predict labels with probabilities.
+
+The users' vocabulary (setfit's): ``predict(texts) -> labels`` and
+``predict_proba(texts) -> (n, classes) array``. Texts are batched by length so
+padding stays small, and the original order is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from peftlab.errors import AdapterError, ModelError
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "peftlab.json"
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """Accept RUN_DIR/method, RUN_DIR/method/model, or any FFT/adapter folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise AdapterError(f"{folder} does not exist; give a method folder of a run (e.g. runs/default/lora) "
+                           f"or a saved model/adapter folder")
+    if (folder / "model" / METADATA_FILE).is_file() or (folder / "model" / "adapter_config.json").is_file():
+        return folder / "model"
+    if folder.is_dir() and ((folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()):
+        return folder
+    methods = sorted(p.name for p in folder.iterdir() if (p / "model").is_dir()) if folder.is_dir() else []
+    hint = f"; this looks like a run directory with methods {methods}: add one, e.g. {folder / methods[0]}" if methods else ""
+    raise AdapterError(f"{folder} holds neither a model (config.json) nor an adapter (adapter_config.json){hint}")
+
+
+def read_metadata(model_dir: Path) -> dict[str, Any]:
+    """peftlab.json if present, else what can be read from the folder itself (models saved by other tools)."""
+    meta_file = model_dir / METADATA_FILE
+    if meta_file.is_file():
+        return json.loads(meta_file.read_text(encoding="utf-8"))
+    meta: dict[str, Any] = {"is_adapter": (model_dir / "adapter_config.json").is_file(), "clean": "none",
+                            "max_length": 512}
+    if meta["is_adapter"]:
+        adapter = json.loads((model_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        meta["base_model"] = adapter.get("base_model_name_or_path")
+        meta["task"] = "causal-lm" if adapter.get("task_type") == "CAUSAL_LM" else "classification"
+        meta["method"] = str(adapter.get("peft_type", "")).lower()
+    else:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        archs = " ".join(config.get("architectures") or [])
+        meta["task"] = "causal-lm" if "CausalLM" in archs else "classification"
+        meta["method"] = "full"
+        if config.get("id2label"):
+            meta["labels"] = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    return meta
+
+
+@dataclass
+class Predictor:
+    """A loaded classifier: tokenizer, model and class names."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    max_length: int = 512
+    clean: str = "none"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 32
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def predict_proba(self, texts: Iterable[str], batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Class probabilities, shape (len(texts), len(labels)), rows in input order."""
+        import torch
+
+        from peftlab.data import clean_text
+        from peftlab.evaluate import softmax
+
+        items = [clean_text(str(t), self.clean) for t in texts]
+        if not items:
+            return np.zeros((0, len(self.labels)))
+        size = batch_size or self.batch_size
+        # Longest first: similar lengths share a batch (less padding), and memory peaks early.
+        order = sorted(range(len(items)), key=lambda i: -len(items[i]))
+        out = np.zeros((len(items), len(self.labels)))
+        batches = range(0, len(order), size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="predict", unit="batch")
+        with torch.inference_mode():
+            for start in batches:
+                index = order[start:start + size]
+                encoded = self.tokenizer([items[i] for i in index], padding=True, truncation=True,
+                                         max_length=self.max_length, return_tensors="pt").to(self.device)
+                logits = self.model(**encoded).logits
+                out[index] = softmax(logits.float().cpu().numpy())  # fp32 before numpy: bf16 has no numpy dtype
+        return out
+
+    def predict(self, texts: Iterable[str], batch_size: int | None = None) -> list[str]:
+        """The most probable class name of each text."""
+        proba = self.predict_proba(texts, batch_size)
+        return [self.labels[i] for i in proba.argmax(axis=-1)]
+
+    def predict_detailed(self, texts: list[str], batch_size: int | None = None,
+                         progress: bool = False) -> list[dict[str, Any]]:
+        """Label, its probability and every class's probability, per text."""
+        proba = self.predict_proba(texts, batch_size, progress)
+        return [{"text": text, "label": self.labels[int(row.argmax())], "score": float(row.max()),
+                 "probabilities": {name: float(p) for name, p in zip(self.labels, row)}}
+                for text, row in zip(texts, proba)]
+
+
+def load_predictor(model_dir: str | Path, *, base_model: str | None = None, dtype: str = "auto",
+                   device: str | None = None, batch_size: int = 32, allow_pickle: bool = False) -> Predictor:
+    """Load an FFT folder or an adapter (on its base model) for classification.
+
+    Args:
+        model_dir: RUN_DIR/method, its ``model`` folder, or any saved model/adapter folder.
+        base_model: base model for an adapter (alias or folder); default: the one it was trained on.
+        dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16 or float16.
+        device: torch device; default CUDA when available.
+        batch_size: texts per forward pass.
+        allow_pickle: allow pickle weights in a user-supplied base folder.
+    """
+    import torch
+
+    from peftlab.models import load_tokenizer, resolve_dtype
+
+    folder = find_model_dir(model_dir)
+    meta = read_metadata(folder)
+    if meta.get("task") == "causal-lm":
+        raise AdapterError(f"{folder} is a causal LM; use `peftlab generate` instead of predict")
+    torch_dtype = resolve_dtype(dtype)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    trust = bool(meta.get("trust_remote_code", False))
+    model, labels = load_classifier(folder, meta, base_model, torch_dtype, trust, allow_pickle)
+    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").exists() else Path(meta["base_model"]),
+                               trust)
+    model.to(target).eval()
+    return Predictor(model=model, tokenizer=tokenizer, labels=labels, max_length=int(meta.get("max_length", 512)),
+                     clean=meta.get("clean", "none"), metadata=meta, batch_size=batch_size)
+
+
+def load_classifier(folder: Path, meta: dict[str, Any], base_model: str | None, dtype: Any, trust: bool,
+                    allow_pickle: bool = False) -> tuple[Any, list[str]]:
+    """Model (FFT, or base + adapter via ``PeftModel.from_pretrained``) and its class names."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.models import check_model_folder, resolve_model_path
+
+    if not meta.get("is_adapter"):
+        check_model_folder(folder, trust, allow_pickle)
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust)
+        labels = meta.get("labels") or [model.config.id2label[i] for i in range(model.config.num_labels)]
+        return model, list(labels)
+
+    from peft import PeftModel
+
+    base_name = base_model or meta.get("base_model")
+    if not base_name:
+        raise AdapterError(f"{folder}: the adapter does not record its base model; pass --base")
+    try:
+        base_folder = resolve_model_path(str(base_name))
+    except ModelError as exc:
+        raise AdapterError(f"{folder}: base model {base_name} not found ({exc}); pass --base with its folder") from None
+    labels = meta.get("labels")
+    if not labels:
+        raise AdapterError(f"{folder}: no class names recorded (peftlab.json missing); it was not saved by peftlab")
+    check_model_folder(base_folder, trust, allow_pickle)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(base_folder), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)}, dtype=dtype, trust_remote_code=trust)
+    if base.config.pad_token_id is None:
+        from peftlab.models import load_tokenizer
+
+        base.config.pad_token_id = load_tokenizer(folder, trust).pad_token_id
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the base "
+                           f"it was trained on with --base") from None
+    return model, list(labels)

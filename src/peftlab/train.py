@@ -1,0 +1,359 @@
+"""One training path for every method: HF ``Trainer`` with measurement around it.
+
+Reads top to bottom: seed -> model -> method -> tokenised splits -> Trainer
+-> train (resuming if asked) -> best epoch -> test evaluation -> save what
+must be kept -> measure sizes. Works unchanged under ``accelerate launch`` /
+``torchrun``: the Trainer does the distribution, and only the main process
+writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peftlab import fsutil
+from peftlab.config import ExperimentConfig, MethodName
+from peftlab.data import PreparedData
+from peftlab.evaluate import (
+    GREATER_IS_BETTER,
+    classification_metrics,
+    confusion,
+    make_compute_metrics,
+    per_class_report,
+    perplexity,
+)
+from peftlab.methods import MethodContext, apply_method
+from peftlab.models import load_base_model, resolve_dtype
+from peftlab.results import EpochRecord, RunResult
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "peftlab.json"
+RESULT_FILE = "result.json"
+CHECKPOINTS = "checkpoints"
+# Files that are the model itself; tokenizer files are the same for every method and not counted.
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
+                "model.safetensors.index.json")
+
+
+@dataclass
+class BaseModelSpec:
+    """The base model every method of an experiment starts from."""
+
+    folder: Path
+    name: str  # alias or path as the user wrote it
+    tokenizer: Any
+    dtype: Any
+    trust_remote_code: bool
+    allow_pickle: bool
+
+
+def tokenize_splits(data: PreparedData, tokenizer: Any, max_length: int, task: str) -> dict[str, Any]:
+    """Tokenise each split once (no padding: the collator pads each batch to its longest text)."""
+    import datasets
+
+    def encode(split_name: str) -> Any:
+        split = data.split(split_name)
+        texts = split.texts
+        if task == "causal-lm" and tokenizer.eos_token:
+            texts = [t + tokenizer.eos_token for t in texts]  # teach the model where a text ends
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        columns = {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
+        if task != "causal-lm":
+            columns["labels"] = split.labels
+        return datasets.Dataset.from_dict(columns)
+
+    tokenized = {"train": encode("train"), "validation": encode("validation")}
+    tokenized["test"] = tokenized["validation"] if data.test is data.validation else encode("test")
+    return tokenized
+
+
+class _PeakMemory:
+    """Peak resident memory of this process, sampled every 50 ms on a daemon thread (cheap: one syscall)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> "_PeakMemory":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def _adalora_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class AdaLoraRankAllocation(TrainerCallback):
+        # AdaLoRA needs its budget step after each optimizer step, while gradients still exist.
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if model is not None:
+                model.base_model.update_and_allocate(state.global_step)
+
+    return AdaLoraRankAllocation()
+
+
+def train_method(config: ExperimentConfig, method_config: Any, data: PreparedData, base: BaseModelSpec,
+                 tokenized: dict[str, Any], method_dir: Path, resume: bool = False) -> RunResult:
+    """Train and evaluate one method; save its model (or adapter) to ``method_dir/model``.
+
+    Args:
+        config: the whole experiment config (training recipe, task, data limits).
+        method_config: this method's section of ``config.methods``.
+        data: the prepared splits (shared by every method).
+        base: the base model folder and tokenizer.
+        tokenized: the output of :func:`tokenize_splits`.
+        method_dir: this method's folder inside the run directory.
+        resume: continue from the newest checkpoint in ``method_dir`` if one exists.
+
+    Returns:
+        The measured :class:`RunResult`.
+    """
+    import torch
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+    from transformers.trainer_utils import get_last_checkpoint
+
+    training = config.training
+    task = config.task
+    classify = task == "classification"
+    name = method_config.run_name
+
+    # -- model + method. Seed first: the new head and adapter weights must start the same on every run.
+    set_seed(training.seed)
+    model = load_base_model(base.folder, task, data.labels if classify else None, dtype=torch.float32,
+                            trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle,
+                            pad_token_id=base.tokenizer.pad_token_id)
+    steps_per_epoch = math.ceil(len(tokenized["train"]) / (training.batch_size * training.gradient_accumulation_steps))
+    total_steps = training.max_steps or max(1, math.ceil(steps_per_epoch * training.epochs))
+    context = MethodContext(task=task, model_type=model.config.model_type, tokenizer_path=str(base.folder),
+                            total_steps=total_steps, tokenizer=base.tokenizer)
+    model = apply_method(model, method_config, context)
+    trainable, total = _count_parameters(model)
+    logger.info("%s: %s trainable of %s parameters (%.3f%%)", name, f"{trainable:,}", f"{total:,}",
+                100 * trainable / total)
+
+    # -- Trainer. Evaluate and checkpoint every epoch so the best epoch can be restored and a killed run resumed.
+    metric = "loss" if not classify else training.metric_for_best_model
+    on_gpu = torch.cuda.is_available()
+    use_bf16 = on_gpu and base.dtype == torch.bfloat16
+    args = TrainingArguments(
+        output_dir=str(method_dir / CHECKPOINTS),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=method_config.learning_rate,
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_ratio,
+        max_grad_norm=training.max_grad_norm,
+        lr_scheduler_type=training.lr_scheduler,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",  # the logged loss is then exactly the epoch's mean training loss
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=GREATER_IS_BETTER[metric],
+        save_total_limit=2,  # the best and the newest epoch: enough to resume and to restore the best
+        seed=training.seed,
+        data_seed=training.seed,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        gradient_checkpointing=training.gradient_checkpointing,
+        dataloader_num_workers=training.dataloader_num_workers,
+        bf16=use_bf16,  # mixed precision on GPUs that support bf16; fp32 on CPU (bf16 is ~3x slower there)
+        use_cpu=not on_gpu,
+        report_to="none",
+        # Under DDP the default averages token counts across processes and reported a world-size-times
+        # too large eval loss for sequence classification (transformers 5.23); per-process means are right.
+        average_tokens_across_devices=False,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=False,
+    )
+    collator = (DataCollatorForLanguageModeling(base.tokenizer, mlm=False) if not classify
+                else DataCollatorWithPadding(base.tokenizer))
+    callbacks: list[Any] = []
+    if training.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
+    if method_config.method == MethodName.ADALORA.value:
+        callbacks.append(_adalora_callback())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=collator,
+        processing_class=base.tokenizer,
+        compute_metrics=make_compute_metrics(len(data.labels)) if classify else None,
+        callbacks=callbacks,
+    )
+
+    # -- train, resuming from the newest checkpoint when asked.
+    checkpoint = None
+    if resume and (method_dir / CHECKPOINTS).is_dir():
+        checkpoint = get_last_checkpoint(str(method_dir / CHECKPOINTS))
+        if checkpoint:
+            logger.info("%s: resuming from %s", name, checkpoint)
+    with _PeakMemory() as memory:
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        wall = time.perf_counter() - started
+    peak_accelerator = int(torch.cuda.max_memory_allocated()) if on_gpu else None
+    optimizer_bytes = _optimizer_state_bytes(trainer.optimizer)
+
+    history = _history(trainer.state.log_history, classify)
+    if not history:  # fewer steps than one epoch: evaluate once at the end
+        final = trainer.evaluate()
+        history = [_epoch_record({**final, "epoch": trainer.state.epoch, "step": trainer.state.global_step},
+                                 output.training_loss, classify)]
+    best = _best_epoch(history, metric)
+
+    # -- test split, with the best epoch's weights (load_best_model_at_end restored them).
+    result = RunResult(
+        name=name, method=method_config.method, task=task, learning_rate=method_config.learning_rate,
+        options=method_config.model_dump(exclude={"name", "method", "learning_rate"}),
+        wall_time_s=wall, train_samples_per_s=float(output.metrics.get("train_samples_per_second", 0.0)),
+        train_steps=int(trainer.state.global_step), epochs_run=float(trainer.state.epoch or 0.0),
+        step_time_s=wall / max(1, trainer.state.global_step), peak_rss_bytes=memory.peak,
+        peak_accelerator_bytes=peak_accelerator, trainable_params=trainable, total_params=total,
+        optimizer_state_bytes=optimizer_bytes, best_epoch=best.epoch if best else None,
+        best_metric_name=metric, best_metric=_metric_value(best, metric) if best else None, history=history,
+        resumed=checkpoint is not None,
+    )
+    _evaluate_test(trainer, tokenized["test"], data, result, classify)
+
+    # -- save what must be kept, atomically, then drop checkpoints (they hold optimizer state: 3x the model).
+    if trainer.is_world_process_zero():
+        model_dir = method_dir / "model"
+        with fsutil.atomic_dir(model_dir) as tmp:
+            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+            base.tokenizer.save_pretrained(str(tmp))
+            fsutil.write_json(tmp / METADATA_FILE, _metadata(config, method_config, base, data))
+        result.model_size_bytes = sum((model_dir / f).stat().st_size for f in WEIGHT_FILES if (model_dir / f).exists())
+        result.output_dir = str(model_dir.relative_to(method_dir.parent))
+        shutil.rmtree(method_dir / CHECKPOINTS, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def _count_parameters(model: Any) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes held by the optimizer's state tensors (Adam: two moments per trainable weight)."""
+    import torch
+
+    if optimizer is None:
+        return 0
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    total = 0
+    for state in inner.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _history(log_history: list[dict[str, Any]], classify: bool) -> list[EpochRecord]:
+    """Per-epoch records from the Trainer's log (which survives a resume, unlike callback state)."""
+    train_loss: dict[float, float] = {}
+    records = []
+    for entry in log_history:
+        if "loss" in entry and "epoch" in entry:
+            train_loss[round(entry["epoch"], 4)] = float(entry["loss"])
+    for entry in log_history:
+        if "eval_loss" in entry:
+            records.append(_epoch_record(entry, train_loss.get(round(entry.get("epoch", 0.0), 4)), classify))
+    return records
+
+
+def _epoch_record(entry: dict[str, Any], train_loss: float | None, classify: bool) -> EpochRecord:
+    metrics = {k.removeprefix("eval_"): float(v) for k, v in entry.items()
+               if k.startswith("eval_") and k.removeprefix("eval_") in GREATER_IS_BETTER and k != "eval_loss"}
+    if not classify:
+        metrics["perplexity"] = perplexity(entry.get("eval_loss")) or float("nan")
+    return EpochRecord(epoch=float(entry.get("epoch") or 0.0), step=int(entry.get("step", 0)),
+                       train_loss=train_loss, eval_loss=entry.get("eval_loss"), metrics=metrics)
+
+
+def _metric_value(record: EpochRecord, metric: str) -> float | None:
+    return record.eval_loss if metric == "loss" else record.metrics.get(metric)
+
+
+def _best_epoch(history: list[EpochRecord], metric: str) -> EpochRecord | None:
+    scored = [h for h in history if _metric_value(h, metric) is not None]
+    if not scored:
+        return None
+    key = lambda h: _metric_value(h, metric)  # noqa: E731
+    # ties go to the earliest epoch, as the Trainer keeps the first best checkpoint
+    return max(scored, key=key) if GREATER_IS_BETTER[metric] else min(scored, key=key)
+
+
+def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunResult, classify: bool) -> None:
+    prediction = trainer.predict(test_set, metric_key_prefix="test")
+    loss = prediction.metrics.get("test_loss")
+    if not classify:
+        result.test_metrics = {"loss": float(loss), "perplexity": float(perplexity(loss) or float("nan"))}
+        return
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted = np.asarray(logits).argmax(axis=-1)
+    labels = np.asarray(data.test.labels)
+    result.test_metrics = {"loss": float(loss), **classification_metrics(labels, predicted, len(data.labels))}
+    result.per_class = per_class_report(labels, predicted, data.labels)
+    result.confusion_matrix = confusion(labels, predicted, len(data.labels))
+
+
+def _metadata(config: ExperimentConfig, method_config: Any, base: BaseModelSpec, data: PreparedData) -> dict[str, Any]:
+    """What `peftlab predict`/`serve` need to use the saved folder without the experiment config."""
+    import peftlab
+
+    return {
+        "peftlab_version": peftlab.__version__,
+        "task": config.task,
+        "method": method_config.method,
+        "name": method_config.run_name,
+        "labels": data.labels,
+        "base_model": str(base.folder),
+        "base_model_name": base.name,
+        "max_length": config.data.max_length,
+        "clean": config.data.clean,
+        "trust_remote_code": base.trust_remote_code,
+        "is_adapter": method_config.method != MethodName.FULL.value,
+    }
