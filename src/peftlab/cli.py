@@ -46,8 +46,13 @@ def main_options(
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("peftlab").setLevel(level)
-    for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "filelock"):
+    for noisy in ("peft", "accelerate", "datasets", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if not verbose:
+        # transformers logs a table for every new classification head, which peftlab creates on purpose.
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -211,6 +216,37 @@ def _read_texts(path: Path, column: str) -> list[str]:
     return [str(get_field(r, column)) for r in table.records]
 
 
+@app.command()
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="RUN_DIR/<method> (FFT causal LM or adapter), a saved folder, or a model alias.")],
+    prompts: Annotated[list[str], typer.Argument(help="Prompts to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048, help="Tokens to generate at most.")] = 40,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample (seeded) instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, > 0 (with --sample).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1] (with --sample).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed, set before each prompt (with --sample).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (JSON lines).")] = False,
+    base: Annotated[Optional[str], typer.Option(help="Base model for an adapter (default: the one it was trained on).")] = None,
+) -> None:
+    """Continue prompts with a saved causal LM or adapter (greedy unless --sample)."""
+    from peftlab.generate import generate as generate_texts
+    from peftlab.generate import generation_settings, load_generator
+
+    if temperature <= 0:
+        raise typer.BadParameter(f"must be > 0, got {temperature}", param_hint="--temperature")
+    if not 0 < top_p <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], got {top_p}", param_hint="--top-p")
+    generator = load_generator(model_dir, base_model=base)
+    texts = generate_texts(generator, prompts, max_new_tokens=max_new_tokens, do_sample=sample,
+                           temperature=temperature, top_p=top_p, seed=seed)
+    settings = generation_settings(max_new_tokens, sample, temperature, top_p, seed)
+    for index, (prompt, text) in enumerate(zip(prompts, texts)):
+        if as_json:
+            typer.echo(json.dumps({"prompt": prompt, "generation": text, "settings": settings}, ensure_ascii=False))
+        else:
+            typer.echo(("\n" if index else "") + prompt + text)  # the prompt, then its continuation
+
+
 def main() -> None:
     """Console entry point: run the app, turning peftlab errors into a message and exit code."""
     try:
@@ -226,10 +262,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun with --resume to continue", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # Usage errors (unknown flag, missing argument) arrive here in non-standalone mode; typer vendors
+        # its own click, so recognise them by their interface rather than by class.
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise

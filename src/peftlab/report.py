@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import fsutil
+from peftlab.evaluate import perplexity
 from peftlab.results import ExperimentResult, RunResult
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,9 @@ def _comparison(experiment: ExperimentResult) -> tuple[list[str], list[dict[str,
                "best epoch"]
     columns += ["test loss", "accuracy", "macro P", "macro R", "macro F1"] if classify else ["test loss", "perplexity"]
     rows = []
+    if not classify and experiment.base_eval_loss is not None:  # the bar every method must clear
+        rows.append({"method": "base (no training)", "trainable": "0", "test loss": _fmt(experiment.base_eval_loss),
+                     "perplexity": _fmt(perplexity(experiment.base_eval_loss), 2)})
     for run in experiment.runs:
         if run.status != "ok":
             rows.append({"method": f"{run.name} (failed)", "trainable": run.error or ""})

@@ -77,6 +77,31 @@ def tokenize_splits(data: PreparedData, tokenizer: Any, max_length: int, task: s
     return tokenized
 
 
+def causal_lm_collator(tokenizer: Any) -> Any:
+    """Right-pad a causal-LM batch; labels are the input ids with padding (by attention mask) set to -100.
+
+    Causal LMs often reuse EOS as the pad token (SmolLM2 does). DataCollatorForLanguageModeling masks
+    every token equal to pad_token_id, which would also hide the EOS appended to each text: the model
+    would never learn where a text ends. Masking by attention mask keeps the EOS in the loss.
+    """
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            input_ids[row, :len(ids)] = ids
+            attention_mask[row, :len(ids)] = torch.as_tensor(feature["attention_mask"], dtype=torch.long)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
 class _PeakMemory:
     """Peak resident memory of this process, sampled every 50 ms on a daemon thread (cheap: one syscall)."""
 
@@ -136,7 +161,6 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     """
     import torch
     from transformers import (
-        DataCollatorForLanguageModeling,
         DataCollatorWithPadding,
         EarlyStoppingCallback,
         Trainer,
@@ -166,6 +190,9 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
 
     # -- Trainer. Evaluate and checkpoint every epoch so the best epoch can be restored and a killed run resumed.
     metric = "loss" if not classify else training.metric_for_best_model
+    # AdaLoRA changes its ranks (tensor shapes) during training, so an earlier epoch's checkpoint no longer
+    # fits the model: it keeps its final epoch instead of the best one.
+    restore_best = method_config.method != MethodName.ADALORA.value
     on_gpu = torch.cuda.is_available()
     use_bf16 = on_gpu and base.dtype == torch.bfloat16
     args = TrainingArguments(
@@ -183,14 +210,14 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         eval_strategy="epoch",
         save_strategy="epoch",
         logging_strategy="epoch",  # the logged loss is then exactly the epoch's mean training loss
-        load_best_model_at_end=True,
+        load_best_model_at_end=restore_best,
         metric_for_best_model=metric,
         greater_is_better=GREATER_IS_BETTER[metric],
         save_total_limit=2,  # the best and the newest epoch: enough to resume and to restore the best
         seed=training.seed,
         data_seed=training.seed,
         train_sampling_strategy="group_by_length" if training.group_by_length else "random",
-        gradient_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing=training.gradient_checkpointing,
         dataloader_num_workers=training.dataloader_num_workers,
         bf16=use_bf16,  # mixed precision on GPUs that support bf16; fp32 on CPU (bf16 is ~3x slower there)
         use_cpu=not on_gpu,
@@ -202,8 +229,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         label_names=["labels"],
         disable_tqdm=False,
     )
-    collator = (DataCollatorForLanguageModeling(base.tokenizer, mlm=False) if not classify
-                else DataCollatorWithPadding(base.tokenizer))
+    collator = causal_lm_collator(base.tokenizer) if not classify else DataCollatorWithPadding(base.tokenizer)
     callbacks: list[Any] = []
     if training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
@@ -238,7 +264,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         final = trainer.evaluate()
         history = [_epoch_record({**final, "epoch": trainer.state.epoch, "step": trainer.state.global_step},
                                  output.training_loss, classify)]
-    best = _best_epoch(history, metric)
+    best = _best_epoch(history, metric) if restore_best else history[-1]
 
     # -- test split, with the best epoch's weights (load_best_model_at_end restored them).
     result = RunResult(
@@ -327,11 +353,14 @@ def _best_epoch(history: list[EpochRecord], metric: str) -> EpochRecord | None:
 
 
 def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunResult, classify: bool) -> None:
-    prediction = trainer.predict(test_set, metric_key_prefix="test")
-    loss = prediction.metrics.get("test_loss")
     if not classify:
+        # evaluate, not predict: predict gathers every logit (rows x tokens x vocab floats, GBs for a
+        # 49K vocabulary) only to return the same loss.
+        loss = trainer.evaluate(test_set, metric_key_prefix="test").get("test_loss")
         result.test_metrics = {"loss": float(loss), "perplexity": float(perplexity(loss) or float("nan"))}
         return
+    prediction = trainer.predict(test_set, metric_key_prefix="test")
+    loss = prediction.metrics.get("test_loss")
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predicted = np.asarray(logits).argmax(axis=-1)
     labels = np.asarray(data.test.labels)

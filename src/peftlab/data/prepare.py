@@ -154,8 +154,12 @@ def prepare_data(config: DataConfig, task: str = "classification", tokenizer: An
 
     prepared = {
         name: Split([t for t, _ in rows], [label_to_id[lab] for _, lab in rows] if classify else [])
-        for name, rows in splits.items()
+        for name, rows in splits.items() if name != "test"
     }
+    # The same object when test reuses validation: tokenised and evaluated once, flagged in reports.
+    same = splits["test"] is splits["validation"]
+    prepared["test"] = prepared["validation"] if same else Split(
+        [t for t, _ in splits["test"]], [label_to_id[lab] for _, lab in splits["test"]] if classify else [])
     if classify:
         _check_class_coverage(prepared, labels, notes)
 

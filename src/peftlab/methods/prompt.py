@@ -12,7 +12,9 @@ def num_virtual_tokens(method_config: Any, context: Any) -> int:
     if method_config.num_virtual_tokens:
         return int(method_config.num_virtual_tokens)
     if method_config.init == "TEXT" and context.tokenizer is not None:
-        return len(context.tokenizer(method_config.init_text, add_special_tokens=False)["input_ids"])
+        # Counted as peft tokenizes the init text (special tokens included): with a tokenizer that adds
+        # BOS, a count without it would make peft cut the text's last token.
+        return len(context.tokenizer(method_config.init_text)["input_ids"])
     return 20
 
 

