@@ -69,3 +69,49 @@ def make_full_model(base: Path, folder: Path, labels: list[str] | None = None) -
             "max_length": 48, "clean": "none", "is_adapter": False}
     (folder / "peftlab.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunningServer:
+    """A real uvicorn server for ``app`` on 127.0.0.1 in a background thread; a context manager."""
+
+    def __init__(self, app: Any, ready_timeout: float = 300.0) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.ready_timeout = ready_timeout
+        self._thread: Any = None
+
+    def __enter__(self) -> "RunningServer":
+        import threading
+        import time
+
+        import httpx
+
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.ready_timeout
+        while True:  # /health is 503 while the base model loads, then 200
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                self.__exit__()
+                raise RuntimeError(f"server on {self.url} did not become ready")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)

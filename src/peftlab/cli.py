@@ -247,6 +247,45 @@ def generate(
             typer.echo(("\n" if index else "") + prompt + text)  # the prompt, then its continuation
 
 
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="RUN_DIR/<method> or an adapter folder (LoRA, DoRA, LoHa, AdaLoRA, IA3).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge the adapter into its base (peft merge_and_unload).")] = False,
+    base: Annotated[Optional[str], typer.Option(help="Base model (default: the one the adapter was trained on).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output folder.")] = False,
+) -> None:
+    """Save an adapter merged into its base as a plain transformers model folder."""
+    from peftlab.export import export_merged
+
+    if not merge:
+        raise typer.BadParameter("only merged export exists: pass --merge", param_hint="--merge")
+    folder = export_merged(model_dir, output, overwrite=overwrite, base_model=base)
+    typer.echo(f"merged model: {folder}")
+
+
+@app.command()
+def serve(
+    base: Annotated[str, typer.Option(help="Base model alias or folder, loaded once and shared by every adapter.")],
+    adapters: Annotated[Path, typer.Option(help="Folder whose subfolders are adapters (<name>/ or <method>/model/).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    eager: Annotated[bool, typer.Option("--eager/--lazy", help="Load adapters at startup, or on first use.")] = False,
+    max_loaded: Annotated[int, typer.Option(min=0, help="Most adapters held in memory (least recently used unload); 0: no limit.")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long a request waits for others to share its forward pass.")] = 5.0,
+    max_texts: Annotated[int, typer.Option(min=1, help="Texts per request (more: 413).")] = 64,
+    max_chars: Annotated[int, typer.Option(min=1, help="Characters per text (more: 422).")] = 4000,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Request body size (more: 413).")] = 1_000_000,
+) -> None:
+    """Serve many adapters on one shared base model over HTTP (docs at /docs, a try-it page at /)."""
+    from peftlab.serve.app import ServeLimits
+    from peftlab.serve.app import serve as run_server
+
+    limits = ServeLimits(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes)
+    run_server(base, adapters, host=host, port=port, eager=eager, max_loaded=max_loaded,
+               batch_window_ms=batch_window_ms, limits=limits)
+
+
 def main() -> None:
     """Console entry point: run the app, turning peftlab errors into a message and exit code."""
     try:

@@ -167,7 +167,6 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         TrainingArguments,
         set_seed,
     )
-    from transformers.trainer_utils import get_last_checkpoint
 
     training = config.training
     task = config.task
@@ -247,11 +246,9 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     )
 
     # -- train, resuming from the newest checkpoint when asked.
-    checkpoint = None
-    if resume and (method_dir / CHECKPOINTS).is_dir():
-        checkpoint = get_last_checkpoint(str(method_dir / CHECKPOINTS))
-        if checkpoint:
-            logger.info("%s: resuming from %s", name, checkpoint)
+    checkpoint = _last_complete_checkpoint(method_dir / CHECKPOINTS) if resume else None
+    if checkpoint:
+        logger.info("%s: resuming from %s", name, checkpoint)
     with _PeakMemory() as memory:
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=checkpoint)
@@ -292,6 +289,24 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         shutil.rmtree(method_dir / CHECKPOINTS, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def _last_complete_checkpoint(folder: Path) -> str | None:
+    """Newest checkpoint that was fully written; a kill during saving leaves one without trainer_state.json."""
+    if not folder.is_dir():
+        return None
+    complete = []
+    for candidate in folder.glob("checkpoint-*"):
+        if not candidate.name.removeprefix("checkpoint-").isdigit():
+            continue
+        if (candidate / "trainer_state.json").is_file():  # the Trainer writes it last
+            complete.append(candidate)
+        else:
+            logger.warning("ignoring incomplete checkpoint %s (interrupted while saving)", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+    if not complete:
+        return None
+    return str(max(complete, key=lambda c: int(c.name.removeprefix("checkpoint-"))))
 
 
 def _count_parameters(model: Any) -> tuple[int, int]:

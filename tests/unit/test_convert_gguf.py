@@ -191,6 +191,8 @@ def test_converted_folder_has_plain_files(tied: tuple[Path, Path]) -> None:
     assert config["num_hidden_layers"] == LAYERS and config["hidden_size"] == HIDDEN
     assert config["tie_word_embeddings"] is True
     assert not any("gguf" in p.name.lower() for p in out.iterdir())
+    # weights readable by whoever can read the config (save_pretrained leaves them 0600)
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
 
 
 def test_converted_weights_are_fp32_and_tied_once(tied: tuple[Path, Path]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,7 +137,10 @@ def _load_gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    loaded = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise ModelError(f"transformers cannot build a tokenizer from GGUF file {gguf_path}: {exc}") from exc
     special = {
         name: getattr(loaded, name)
         for name in ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -208,6 +212,22 @@ def _load_plain_model(gguf_path: Path) -> PreTrainedModel:
     return model
 
 
+def _match_file_modes(out_dir: Path) -> None:
+    """Give the weight files the same permissions as the other saved files.
+
+    With transformers 5.23, ``save_pretrained`` leaves ``model.safetensors``
+    at mode 0600 (observed), while the JSON files get the usual umask-based mode. In a
+    shared cache that would leave a model whose config is readable by others
+    but whose weights are not, so copy the config's mode onto the weights.
+    """
+    reference = out_dir / "config.json"
+    if not reference.is_file():
+        return
+    mode = stat.S_IMODE(reference.stat().st_mode)
+    for path in out_dir.glob("*.safetensors"):
+        path.chmod(mode)
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Convert a GGUF causal LM into a plain Hugging Face folder.
 
@@ -251,6 +271,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     # transformers 5 always writes safetensors (no pickle), so no flag is needed.
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    _match_file_modes(out_dir)
     logger.info(
         "Converted %s (%d parameters) in %.1f s",
         gguf_path.name,

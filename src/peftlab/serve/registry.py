@@ -237,10 +237,13 @@ class AdapterRegistry:
         return self.state == "ready"
 
     def start(self, eager: bool = False) -> None:
-        """Load the base model (once) and, if ``eager``, adapters up to ``max_loaded``. Never raises."""
+        """Load the base model (once) and, if ``eager``, adapters up to ``max_loaded``; then be ready.
+
+        Never raises: a failed base model leaves the registry ``failed`` with its error (``/health`` says
+        why); a failed adapter keeps its error on its entry and the others load.
+        """
         try:
             self._load_base()
-            self.state = "ready"
         except Exception as exc:  # the server stays up and /health says why
             logger.exception("loading base model %s failed", self.base)
             self.error = f"base model {self.base} failed to load: {exc}"[:500]
@@ -252,11 +255,13 @@ class AdapterRegistry:
                 logger.warning("--eager: loading the first %d of %d adapters (--max-loaded); the rest load on "
                                "first use", self.max_loaded, len(candidates))
                 candidates = candidates[:self.max_loaded]
-            for entry in candidates:
-                try:
-                    self.load(entry.name)
-                except AdapterError:
-                    pass  # recorded on the entry; the others still load
+            with self._lock:
+                for entry in candidates:
+                    try:
+                        self._ensure_loaded(entry, keep={entry.name})
+                    except AdapterError:
+                        pass  # recorded on the entry; the others still load
+        self.state = "ready"
         logger.info("serving %d adapters on %s (%d loaded)", len(self.entries), self.base, self._loaded_count())
 
     def _load_base(self) -> None:
@@ -265,6 +270,12 @@ class AdapterRegistry:
         from peftlab.models import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 
         folder = resolve_model_path(self.base)
+        for entry in self.entries.values():
+            trained_on = Path(entry.base_model).expanduser() if entry.base_model else None
+            if trained_on is not None and trained_on.exists() and trained_on.resolve() != folder.resolve():
+                # Same architecture loads without error but predicts wrongly; a shape mismatch fails on load.
+                logger.warning("adapter %s was trained on %s, not on the served base %s", entry.name, trained_on,
+                               folder)
         self._device = torch.device(self._device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._dtype = resolve_dtype(self._dtype_name)
         tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else next(iter(self.entries.values())).folder

@@ -1,0 +1,336 @@
+"""peftlab serve on a tiny random BERT: mixed-adapter batches, limits, errors, loading, LRU (seconds, offline)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from serve_helpers import make_adapter, make_full_model
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from peftlab.serve.app import ServeLimits, create_app  # noqa: E402
+from peftlab.serve.registry import BatchQueue, InvalidAdapterNameError, check_adapter_name  # noqa: E402
+
+TEXTS = ["the movie was great", "awful plot and dull acting", "a very very fine story it was", "ok",
+         "the film was really quite boring"]
+TWO_LABELS = ["bad", "good"]
+GOOD = ["ia3", "lora", "lora-b", "loha-2", "prompt"]
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Adapters of several methods on one base, in both layouts, plus folders the server must skip or survive."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapter(tiny_bert, root / "lora" / "model", "lora", seed=1)  # RUN_DIR/<method>/model layout
+    make_adapter(tiny_bert, root / "lora-b", "lora", seed=2)  # same class count: shares lora's forward pass
+    make_adapter(tiny_bert, root / "ia3", "ia3", seed=3)
+    make_adapter(tiny_bert, root / "loha-2", "loha", seed=4, labels=TWO_LABELS)
+    make_adapter(tiny_bert, root / "prompt", "prompt_tuning", seed=5)
+    make_full_model(tiny_bert, root / "full")  # FFT: not an adapter, skipped
+    make_adapter(tiny_bert, root / "bad name", "lora", seed=6)  # not a plain name: skipped
+    broken = make_adapter(tiny_bert, root / "broken", "lora", seed=7)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(adapters_dir: Path) -> dict[str, Any]:
+    """Each adapter's own predictions, from peftlab's predictor (base + one adapter, loaded alone)."""
+    from peftlab.predict import load_predictor
+
+    out = {}
+    for name in GOOD:
+        predictor = load_predictor(adapters_dir / name)
+        out[name] = {"labels": predictor.labels, "proba": predictor.predict_proba(TEXTS)}
+    return out
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health").json()
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bert: Path, adapters_dir: Path) -> Any:
+    app = create_app(str(tiny_bert), adapters_dir, eager=True, max_loaded=0, batch_window_ms=2,
+                     limits=ServeLimits(max_texts=8, max_chars=200, max_body_bytes=4000))
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def assert_matches(result: dict[str, Any], expected: dict[str, Any], adapter: str, text: str) -> None:
+    labels = expected[adapter]["labels"]
+    proba = expected[adapter]["proba"][TEXTS.index(text)]
+    assert result["adapter"] == adapter and result["text"] == text
+    assert list(result["probabilities"]) == labels
+    np.testing.assert_allclose([result["probabilities"][n] for n in labels], proba, atol=1e-5, rtol=0)
+    assert result["label"] == labels[int(proba.argmax())]
+    assert result["score"] == pytest.approx(float(proba.max()), abs=1e-5)
+
+
+def error_of(response: Any) -> dict[str, str]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]
+
+
+# -- registration and status
+
+def test_registers_adapters_and_skips_full_models_and_bad_names(client: TestClient) -> None:
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert sorted(listed) == sorted(GOOD + ["broken"])  # not "full" (FFT), not "bad name"
+    assert listed["lora"]["method"] == "lora" and listed["prompt"]["method"] == "prompt_tuning"
+    assert listed["loha-2"]["labels"] == TWO_LABELS and listed["ia3"]["task"] == "classification"
+    assert all(listed[n]["loaded"] and listed[n]["size_bytes"] > 0 for n in GOOD)
+    assert not listed["broken"]["loaded"] and listed["broken"]["error"]  # failed at eager load, others serve
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["adapters"] == 6 and health["loaded"] == 5 and health["failed"] == 1
+
+
+def test_full_model_folder_is_skipped_with_a_note(tiny_bert: Path, adapters_dir: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from peftlab.serve.registry import discover_adapters
+
+    with caplog.at_level(logging.INFO, logger="peftlab.serve.registry"):
+        names = [e.name for e in discover_adapters(adapters_dir)]
+    assert "full" not in names and "lora" in names
+    assert any("full model" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_health_is_503_until_the_base_model_is_loaded(tiny_bert: Path, adapters_dir: Path) -> None:
+    app = create_app(str(tiny_bert), adapters_dir)
+    raw = TestClient(app)  # no `with`: startup (which loads the models) never runs
+    response = raw.get("/health")
+    assert response.status_code == 503 and error_of(response)["code"] == "not_ready"
+    response = raw.post("/v1/classify", json={"adapter": "lora", "texts": ["great"]})
+    assert response.status_code == 503
+
+
+# -- classification
+
+def test_mixed_batch_equals_each_adapter_alone(client: TestClient, expected: dict[str, Any]) -> None:
+    items = [{"adapter": a, "text": t} for a in GOOD for t in TEXTS[:1]] + \
+            [{"adapter": random.Random(i).choice(GOOD), "text": random.Random(-i).choice(TEXTS)} for i in range(3)]
+    random.Random(0).shuffle(items)
+    response = client.post("/v1/classify", json={"items": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(items)
+    for item, result in zip(items, results):
+        assert_matches(result, expected, item["adapter"], item["text"])
+
+
+def test_single_adapter_form(client: TestClient, expected: dict[str, Any]) -> None:
+    response = client.post("/v1/classify", json={"adapter": "prompt", "texts": TEXTS})
+    assert response.status_code == 200, response.text
+    for text, result in zip(TEXTS, response.json()["results"]):
+        assert_matches(result, expected, "prompt", text)
+
+
+def test_lora_adapters_share_one_forward_pass(client: TestClient) -> None:
+    before = client.get("/health").json()["forward_passes"]
+    items = [{"adapter": a, "text": t} for t in TEXTS[:3] for a in ("lora", "lora-b")]
+    assert client.post("/v1/classify", json={"items": items}).status_code == 200
+    assert client.get("/health").json()["forward_passes"] - before == 1
+
+
+def test_concurrent_requests_share_a_batch() -> None:
+    calls: list[list[tuple[str, str]]] = []
+
+    def run(rows: list[tuple[str, str]]) -> list[Any]:
+        calls.append(rows)
+        return [{"row": r} for r in rows]
+
+    batcher = BatchQueue(run, window_s=0.3, max_rows=100)
+    batcher.start()
+    try:
+        futures = [batcher.submit([("a", f"t{i}"), ("b", f"u{i}")]) for i in range(3)]
+        results = [f.result(timeout=5) for f in futures]
+    finally:
+        batcher.close()
+    assert len(calls) == 1 and len(calls[0]) == 6  # three requests, one batch
+    assert results[1] == [{"row": ("a", "t1")}, {"row": ("b", "u1")}]  # each request gets its own rows back
+
+
+# -- errors and limits
+
+def test_unknown_adapter_is_404_naming_the_available_ones(client: TestClient) -> None:
+    for body in ({"adapter": "nope", "texts": ["great"]}, {"items": [{"adapter": "lora", "text": "a"},
+                                                                     {"adapter": "nope", "text": "b"}]}):
+        response = client.post("/v1/classify", json=body)
+        assert response.status_code == 404
+        error = error_of(response)
+        assert error["code"] == "adapter_not_found" and "lora-b" in error["message"] and "prompt" in error["message"]
+    assert client.post("/v1/adapters/nope/load").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["../lora", "a/b", "/etc/passwd", ".hidden", "..", "a b", "lora\\x", "ü", "a..b",
+                                  ""])
+def test_adapter_names_that_are_not_plain_are_400(client: TestClient, name: str) -> None:
+    response = client.post("/v1/classify", json={"items": [{"adapter": name, "text": "great"}]})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid_adapter_name"
+    with pytest.raises(InvalidAdapterNameError):
+        check_adapter_name(name)
+
+
+def test_invalid_names_in_the_url_are_400(client: TestClient) -> None:
+    for name in (".hidden", "a..b", "x%20y"):
+        response = client.post(f"/v1/adapters/{name}/load")
+        assert response.status_code == 400, (name, response.text)
+
+
+def test_limits(client: TestClient) -> None:
+    response = client.post("/v1/classify", json={"adapter": "lora", "texts": ["a"] * 9})
+    assert response.status_code == 413 and error_of(response)["code"] == "too_many_texts"
+    response = client.post("/v1/classify", json={"adapter": "lora", "texts": ["a" * 201]})
+    assert response.status_code == 422 and error_of(response)["code"] == "text_too_long"
+    big = '{"adapter": "lora", "texts": ["' + "a" * 5000 + '"]}'
+    response = client.post("/v1/classify", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and error_of(response)["code"] == "body_too_large"
+
+    def chunks() -> Any:  # no Content-Length: the limit must still hold
+        yield b'{"adapter": "lora", "texts": ["'
+        for _ in range(10):
+            yield b"a" * 1000
+        yield b'"]}'
+
+    response = client.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ('{"adapter": "lora", "texts": ["a"', 400, "malformed_json"),
+    ('{"texts": ["a"]}', 422, "invalid_request"),
+    ('{"adapter": "lora", "texts": []}', 422, "invalid_request"),
+    ('{"adapter": "lora", "texts": ["a"], "items": []}', 422, "invalid_request"),
+    ('{"adapter": "lora", "texts": ["a"], "colour": "red"}', 422, "invalid_request"),
+    ('{"adapter": "lora", "texts": [1]}', 422, "invalid_request"),
+])
+def test_bad_requests(client: TestClient, body: str, status: int, code: str) -> None:
+    response = client.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert error_of(response)["code"] == code
+
+
+def test_failed_adapter_is_isolated(client: TestClient, expected: dict[str, Any]) -> None:
+    response = client.post("/v1/classify", json={"adapter": "broken", "texts": ["great"]})
+    assert response.status_code == 500 and error_of(response)["code"] == "adapter_failed"
+    assert "broken" in error_of(response)["message"]
+    response = client.post("/v1/classify", json={"adapter": "lora", "texts": [TEXTS[0]]})
+    assert response.status_code == 200
+    assert_matches(response.json()["results"][0], expected, "lora", TEXTS[0])
+    response = client.post("/v1/adapters/broken/load")  # an explicit load retries, and fails again
+    assert response.status_code == 500 and client.get("/health").status_code == 200
+
+
+def test_generate_on_a_classifier_is_400(client: TestClient) -> None:
+    response = client.post("/v1/generate", json={"adapter": "lora", "prompts": ["hello"]})
+    assert response.status_code == 400
+    assert "not a causal LM adapter" in error_of(response)["message"]
+
+
+def test_internal_errors_are_500_without_internals(client: TestClient, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    registry = client.app.state.registry
+
+    def explode(rows: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(client.app.state.batcher, "_run", explode)
+    with caplog.at_level(logging.ERROR):
+        response = client.post("/v1/classify", json={"adapter": "lora", "texts": ["great"]})
+    assert response.status_code == 500 and error_of(response)["code"] == "internal_error"
+    assert "secret" not in response.text
+    assert any(r.exc_info for r in caplog.records)  # logged with its traceback
+    monkeypatch.undo()
+    assert registry.ready and client.post("/v1/classify", json={"adapter": "lora", "texts": ["a"]}).status_code == 200
+
+
+def test_unknown_route_is_a_json_404(client: TestClient) -> None:
+    response = client.get("/v2/nothing")
+    assert response.status_code == 404 and error_of(response)["code"] == "not_found"
+
+
+# -- loading
+
+def test_load_and_unload(client: TestClient, expected: dict[str, Any]) -> None:
+    response = client.post("/v1/adapters/ia3/unload")
+    assert response.status_code == 200 and response.json()["loaded"] is False
+    listed = {a["name"]: a["loaded"] for a in client.get("/v1/adapters").json()["adapters"]}
+    assert listed["ia3"] is False
+    response = client.post("/v1/classify", json={"adapter": "ia3", "texts": TEXTS[:2]})  # loads again on use
+    assert response.status_code == 200
+    for text, result in zip(TEXTS, response.json()["results"]):
+        assert_matches(result, expected, "ia3", text)
+    assert client.post("/v1/adapters/ia3/unload").json()["loaded"] is False
+    assert client.post("/v1/adapters/ia3/load").json()["loaded"] is True
+
+
+def test_lru_keeps_at_most_max_loaded(tiny_bert: Path, adapters_dir: Path, expected: dict[str, Any]) -> None:
+    app = create_app(str(tiny_bert), adapters_dir, eager=False, max_loaded=2, batch_window_ms=0)
+    with TestClient(app) as lru:
+        wait_ready(lru)
+
+        def loaded() -> set[str]:
+            return {a["name"] for a in lru.get("/v1/adapters").json()["adapters"] if a["loaded"]}
+
+        assert loaded() == set()  # lazy
+        for name in ("lora", "prompt"):
+            assert lru.post("/v1/classify", json={"adapter": name, "texts": [TEXTS[0]]}).status_code == 200
+        assert loaded() == {"lora", "prompt"}
+        lru.post("/v1/classify", json={"adapter": "lora", "texts": [TEXTS[0]]})  # lora is now the most recent
+        lru.post("/v1/classify", json={"adapter": "ia3", "texts": [TEXTS[0]]})
+        assert loaded() == {"lora", "ia3"}  # prompt was least recently used
+        # More adapters in one request than may be held: served in turns, all correct.
+        items = [{"adapter": a, "text": t} for a in GOOD for t in TEXTS[:2]]
+        response = lru.post("/v1/classify", json={"items": items})
+        assert response.status_code == 200, response.text
+        for item, result in zip(items, response.json()["results"]):
+            assert_matches(result, expected, item["adapter"], item["text"])
+        assert len(loaded()) <= 2
+
+
+def test_requests_from_threads_each_get_their_own_results(client: TestClient, expected: dict[str, Any]) -> None:
+    failures: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(4):
+            items = [{"adapter": rng.choice(GOOD), "text": rng.choice(TEXTS)} for _ in range(rng.randint(1, 4))]
+            response = client.post("/v1/classify", json={"items": items})
+            try:
+                assert response.status_code == 200, response.text
+                for item, result in zip(items, response.json()["results"]):
+                    assert_matches(result, expected, item["adapter"], item["text"])
+            except AssertionError as exc:
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+
+
+# -- page and docs
+
+def test_page_and_docs(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "peftlab serve" in page.text and "/v1/classify" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/health"} <= set(paths)
