@@ -158,7 +158,8 @@ def main() -> None:
               f"{growth / row['count']:.2f} | {row['count'] * adapter_bytes / MiB:.1f} | {row['forward_passes']} |")
     if naive:
         print("\nFor comparison, one predictor (own base copy) per adapter:\n")
-        print("| predictors | RSS before (MiB) | RSS with predictors (MiB) | growth (MiB) | growth per predictor (MiB) |")
+        print("| predictors | RSS before (MiB) | RSS with predictors (MiB) | growth (MiB) | "
+              "growth per predictor (MiB) |")
         print("|---:|---:|---:|---:|---:|")
         for row in naive:
             growth = (row["loaded"] - row["before"]) / MiB

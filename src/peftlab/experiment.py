@@ -37,16 +37,20 @@ def default_run_dir(config: ExperimentConfig, config_path: Path | None) -> Path:
     return Path("runs") / stem
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+def _refuse_existing(run_dir: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to touch an existing run unless the user said --overwrite or --resume."""
-    if overwrite and resume:
-        raise ConfigError("--overwrite and --resume contradict each other: choose one")
     exists = run_dir.exists() and any(run_dir.iterdir())
     if exists and not (overwrite or resume):
         raise RunDirError(f"run directory {run_dir} already exists. Use --resume to continue it, --overwrite to "
                           f"replace it, or --output to write elsewhere")
     if exists and resume and not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"{run_dir} is not a peftlab run (no config.yaml); cannot --resume it")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Create the run directory; with --overwrite, replace an existing one."""
+    _refuse_existing(run_dir, overwrite, resume)
+    exists = run_dir.exists() and any(run_dir.iterdir())
     if exists and overwrite:
         # Move aside first, delete after: a crash in between leaves the old run recoverable.
         aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
@@ -96,22 +100,27 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
         The :class:`ExperimentResult` that was written to ``run_dir/results.json``.
     """
     from peftlab.data import prepare_data
-    from peftlab.models import load_tokenizer, resolve_dtype, resolve_model_path
+    from peftlab.models import check_model_folder, load_tokenizer, resolve_dtype, resolve_model_path
     from peftlab.report import render_data_report_console, write_report
     from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits, train_method
 
     selected = _select(config, methods)
-    if _is_main_process():
-        prepare_run_dir(run_dir, overwrite, resume)
-        if resume and (run_dir / "config.yaml").is_file():
-            _check_same_config(run_dir, config)
-        fsutil.write_text(run_dir / "config.yaml", dump_config(config))
-        fsutil.write_json(run_dir / "environment.json", environment(config))
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other: choose one")
+    _refuse_existing(run_dir, overwrite, resume)
+    if resume and (run_dir / "config.yaml").is_file():
+        _check_same_config(run_dir, config)
 
+    # Model and data are checked before anything is written: a typo costs nothing and leaves no half run.
     folder = resolve_model_path(config.model.path)
+    check_model_folder(folder, config.model.trust_remote_code, config.model.allow_pickle)
     tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
     data = prepare_data(config.data, config.task, tokenizer)
+
     if _is_main_process():
+        prepare_run_dir(run_dir, overwrite, resume)
+        fsutil.write_text(run_dir / "config.yaml", dump_config(config))
+        fsutil.write_json(run_dir / "environment.json", environment(config))
         fsutil.write_json(run_dir / "data_report.json", dataclasses.asdict(data.report))
         render_data_report_console(data.report)
     base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,

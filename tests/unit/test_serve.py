@@ -233,6 +233,10 @@ def test_failed_adapter_is_isolated(client: TestClient, expected: dict[str, Any]
     assert_matches(response.json()["results"][0], expected, "lora", TEXTS[0])
     response = client.post("/v1/adapters/broken/load")  # an explicit load retries, and fails again
     assert response.status_code == 500 and client.get("/health").status_code == 200
+    # It shares the LoRA group with lora and lora-b: no half-loaded copy of it may stay in there.
+    registry = client.app.state.registry
+    held = {n for group in registry._groups.values() for n in group.model.peft_config}
+    assert held == {e.peft_name for e in registry.entries.values() if e.loaded}
 
 
 def test_generate_on_a_classifier_is_400(client: TestClient) -> None:
@@ -334,3 +338,75 @@ def test_page_and_docs(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/health"} <= set(paths)
+
+
+# -- every method, and causal LMs
+
+def test_every_method_on_one_registry_equals_its_predictor(tiny_bert: Path, tmp_path: Path) -> None:
+    from peftlab.predict import load_predictor
+    from peftlab.serve.registry import AdapterRegistry
+
+    methods = ["lora", "dora", "loha", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
+    for seed, method in enumerate(methods):
+        make_adapter(tiny_bert, tmp_path / method, method, seed=seed)
+    registry = AdapterRegistry(str(tiny_bert), tmp_path, max_loaded=0)
+    registry.start(eager=True)
+    rows = [(m, t) for m in methods for t in TEXTS]
+    random.Random(1).shuffle(rows)
+    results = registry.classify(rows)
+    for method in methods:
+        predictor = load_predictor(tmp_path / method)
+        proba = predictor.predict_proba(TEXTS)
+        for (name, text), result in zip(rows, results):
+            if name == method:
+                assert isinstance(result, dict), result
+                got = [result["probabilities"][n] for n in predictor.labels]
+                np.testing.assert_allclose(got, proba[TEXTS.index(text)], atol=1e-5, rtol=0, err_msg=method)
+    # Only plain LoRA mixes; DoRA, LoHa, IA3 and each prompt-learning adapter take their own pass.
+    assert registry.forward_passes == len(methods)
+
+
+def test_generate_with_causal_lm_adapters(tmp_path: Path) -> None:
+    import json
+
+    import torch
+    from conftest import WORDS, make_tokenizer
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab.generate import generate, load_generator
+
+    base = tmp_path / "base"
+    base.mkdir()
+    make_tokenizer(base)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(WORDS) + 31, hidden_size=32, intermediate_size=37,
+                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=64, pad_token_id=0)).save_pretrained(str(base))
+    adapters = tmp_path / "adapters"
+    for seed, (name, config) in enumerate({"lora": LoraConfig(task_type="CAUSAL_LM", r=4),
+                                           "prompt": PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                        num_virtual_tokens=3)}.items()):
+        torch.manual_seed(seed)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(str(base)), config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter) * 0.5)
+        model.save_pretrained(str(adapters / name))
+        (adapters / name / "peftlab.json").write_text(json.dumps(
+            {"task": "causal-lm", "method": name, "base_model": str(base), "max_length": 32, "is_adapter": True}))
+
+    prompts = ["the movie was", "great"]
+    app = create_app(str(base), adapters, eager=False)
+    with TestClient(app) as causal:
+        wait_ready(causal)
+        for name in ("lora", "prompt"):
+            response = causal.post("/v1/generate", json={"adapter": name, "prompts": prompts, "max_new_tokens": 5})
+            assert response.status_code == 200, response.text
+            want = generate(load_generator(adapters / name, base_model=str(base)), prompts, max_new_tokens=5)
+            assert [r["text"] for r in response.json()["results"]] == want
+        response = causal.post("/v1/classify", json={"adapter": "lora", "texts": ["great"]})
+        assert response.status_code == 400 and error_of(response)["code"] == "wrong_task"
+        response = causal.post("/v1/generate", json={"adapter": "lora", "prompts": ["a"], "max_new_tokens": 9999})
+        assert response.status_code == 422

@@ -377,7 +377,8 @@ def create_app(base: str, adapters_dir: Path, *, eager: bool = False, max_loaded
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(future), timeout=limits.timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"no result within {limits.timeout_s:g} s; the server is overloaded") from None
+            raise ApiError(504, "timeout", f"no result within {limits.timeout_s:g} s; the server is "
+                                           f"overloaded") from None
         return ClassifyResponse(results=[Classification(text=text, **result)
                                          for (_, text), result in zip(rows, results)])
 
@@ -424,9 +425,13 @@ def serve(base: str, adapters_dir: Path, *, host: str = "127.0.0.1", port: int =
     """
     import uvicorn
 
+    from peftlab.errors import ModelError
     from peftlab.models import check_model_folder, resolve_model_path
 
-    check_model_folder(resolve_model_path(base))  # fail now with a message, not later in a thread
+    try:
+        check_model_folder(resolve_model_path(base))  # fail now with a message, not later in a thread
+    except ModelError as exc:
+        raise ModelError(f"--base {base}: {exc}") from None
     app = create_app(base, adapters_dir, eager=eager, max_loaded=max_loaded, batch_window_ms=batch_window_ms,
                      limits=limits)
     names = json.dumps(sorted(app.state.registry.entries))

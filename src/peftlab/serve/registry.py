@@ -278,8 +278,10 @@ class AdapterRegistry:
                                folder)
         self._device = torch.device(self._device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._dtype = resolve_dtype(self._dtype_name)
-        tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else next(iter(self.entries.values())).folder
-        self._tokenizer = load_tokenizer(tokenizer_folder)
+        # The base's tokenizer; a bare weights folder falls back to the one saved with an adapter.
+        with_tokenizer = [folder] + [e.folder for e in self.entries.values()]
+        self._tokenizer = load_tokenizer(next((f for f in with_tokenizer if (f / "tokenizer_config.json").is_file()),
+                                              folder))
         # One class is loaded; skeletons of the other task share its weights by name (heads aside).
         task = "classification" if any(e.task == "classification" for e in self.entries.values()) else "causal-lm"
         started = time.perf_counter()
@@ -307,9 +309,8 @@ class AdapterRegistry:
         return entry
 
     def adapters(self) -> list[dict[str, Any]]:
-        """Every registered adapter's :meth:`AdapterEntry.info`, by name."""
-        with self._lock:
-            return [self.entries[n].info() for n in sorted(self.entries)]
+        """Every registered adapter's :meth:`AdapterEntry.info`, by name (no lock: answers during a batch)."""
+        return [self.entries[n].info() for n in sorted(self.entries)]
 
     def counts(self) -> dict[str, int]:
         return {"adapters": len(self.entries), "loaded": self._loaded_count(),
@@ -376,7 +377,13 @@ class AdapterRegistry:
             group = _Group(model=model, mixable=entry.mixable)
             self._groups[entry.group_key] = group
         else:
-            group.model.load_adapter(str(entry.folder), adapter_name=entry.peft_name)
+            try:
+                group.model.load_adapter(str(entry.folder), adapter_name=entry.peft_name)
+            except Exception:
+                # peft injects the adapter's layers before reading its weights: drop the half-made adapter.
+                if entry.peft_name in group.model.peft_config:
+                    group.model.delete_adapter(entry.peft_name)
+                raise
         group.model.to(self._device)  # moves only the new adapter weights: base tensors are there already
         group.model.eval()
         group.members.append(entry.name)
@@ -618,7 +625,7 @@ class BatchQueue:
         while not stopping:
             first = self._queue.get()
             if first is _STOP:
-                return
+                break
             jobs = [first]
             total = len(first.rows)
             deadline = time.monotonic() + self.window_s
@@ -634,6 +641,13 @@ class BatchQueue:
                 jobs.append(job)
                 total += len(job.rows)
             self._run_jobs(jobs)
+        while True:  # requests that arrived after the stop: answer them rather than leave them waiting
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(NotReadyError("the server is shutting down"))
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # a client gave up: skip its rows
