@@ -241,7 +241,7 @@ def base_model_baseline(config: Any, base: Any, tokenized: dict[str, Any], run_d
         losses = _evaluate_loss(config, base, model, splits)
         losses.setdefault("validation", losses["test"])
         generations: dict[str, str] = {}
-        if config.generation.prompts:
+        if config.generation.prompts and _is_main_process():  # only the main process writes the report
             model.to(base.dtype)  # generate in the dtype a loaded method uses (load_generator: model.dtype)
             texts = generate(Generator(model=model, tokenizer=base.tokenizer), list(config.generation.prompts),
                              **_config_settings(config))

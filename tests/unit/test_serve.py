@@ -410,3 +410,31 @@ def test_generate_with_causal_lm_adapters(tmp_path: Path) -> None:
         assert response.status_code == 400 and error_of(response)["code"] == "wrong_task"
         response = causal.post("/v1/generate", json={"adapter": "lora", "prompts": ["a"], "max_new_tokens": 9999})
         assert response.status_code == 422
+
+
+# -- CLI
+
+def test_cli_serve_help_and_user_errors(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app, main
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0 and "--max-loaded" in result.output and "--eager" in result.output
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["peftlab", "serve", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        return int(exit_info.value.code)
+
+    assert run("--base", str(tmp_path / "nowhere"), "--adapters", str(tmp_path)) == 1
+    assert "--base" in capsys.readouterr().err
+    assert run("--base", str(tiny_bert), "--adapters", str(tmp_path / "missing")) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    make_full_model(tiny_bert, tmp_path / "only-full")
+    assert run("--base", str(tiny_bert), "--adapters", str(tmp_path)) == 1
+    assert "no adapters" in capsys.readouterr().err

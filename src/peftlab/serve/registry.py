@@ -9,8 +9,8 @@ of the one loaded base (no copy), so a group costs only its adapters and heads.
 Inside a group of plain LoRA adapters, rows for different adapters share one
 forward pass (peft's ``adapter_names``). Other methods (DoRA, IA3, LoHa,
 prompt learning, ...) run one forward pass per adapter after ``set_adapter``:
-peft 0.21 silently *accepts* ``adapter_names`` for IA3 and prompt tuning but
-applies it only to the classifier head, which would give wrong results.
+peft 0.21 silently *accepts* ``adapter_names`` for IA3 and prompt tuning and
+ignores it -- every row would get the active adapter's result.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class AdapterEntry:
         return self.peft_type == "LORA" and not self.use_dora
 
     def info(self) -> dict[str, Any]:
+        """What ``GET /v1/adapters`` shows for this adapter."""
         return {"name": self.name, "method": self.method, "task": self.task, "labels": list(self.labels),
                 "size_bytes": self.size_bytes, "loaded": self.loaded, "error": self.error}
 
@@ -234,6 +235,7 @@ class AdapterRegistry:
 
     @property
     def ready(self) -> bool:
+        """True once the base model is loaded (and, with ``eager``, the adapters)."""
         return self.state == "ready"
 
     def start(self, eager: bool = False) -> None:
@@ -313,6 +315,7 @@ class AdapterRegistry:
         return [self.entries[n].info() for n in sorted(self.entries)]
 
     def counts(self) -> dict[str, int]:
+        """Adapters registered, loaded and failed, and forward passes run so far."""
         return {"adapters": len(self.entries), "loaded": self._loaded_count(),
                 "failed": sum(e.error is not None for e in self.entries.values()),
                 "forward_passes": self.forward_passes}
@@ -604,11 +607,13 @@ class BatchQueue:
         self.batches = 0  # batches run, for tests and /health
 
     def start(self) -> None:
+        """Start the worker thread (once)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="peftlab-batcher", daemon=True)
             self._thread.start()
 
     def close(self, timeout: float = 10.0) -> None:
+        """Finish the batch in progress, answer queued requests with :class:`NotReadyError`, stop the worker."""
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout)
