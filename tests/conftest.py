@@ -78,6 +78,15 @@ def reviews_csv(tmp_path: Path) -> Path:
     return path
 
 
+def write_rows(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    """A CSV/TSV file with a header from the rows' keys."""
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def write_json(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path

@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 
 from peftlab.cli import main
-from tests.conftest import review_rows
+from tests.conftest import review_rows, write_rows
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "reliability.md"
@@ -31,14 +31,6 @@ class Case:
     build: Callable[[Path, Path], list[str]]  # (tmp folder, tiny model) -> CLI arguments
     exit_code: int
     expect: str  # regex the message must match
-
-
-def write_rows(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def config(tmp: Path, model: Path, data: Path | str, extra: str = "", methods: str = "[lora]") -> Path:

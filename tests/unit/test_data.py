@@ -11,19 +11,11 @@ import pytest
 from peftlab.config import load_config
 from peftlab.data import clean_text, prepare_data
 from peftlab.errors import DataError
-from tests.conftest import review_rows, write_json
+from tests.conftest import review_rows, write_json, write_rows
 
 
 def data_config(**data: object) -> object:
     return load_config(data={"data": data, "methods": ["lora"]}).data
-
-
-def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter=delimiter)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 AI_HUB = [
@@ -99,7 +91,7 @@ def test_jsonl_and_bad_jsonl_line(tmp_path: Path) -> None:
 
 def test_nsmc_style_tsv_with_int_labels(tmp_path: Path) -> None:
     rows = [{"id": str(i), "document": r["text"], "label": str(i % 2)} for i, r in enumerate(review_rows(40))]
-    path = write_csv(tmp_path / "ratings.txt", rows, delimiter="\t")
+    path = write_rows(tmp_path / "ratings.txt", rows, delimiter="\t")
     data = prepare_data(data_config(path=str(path), text_column="document", label_map={0: "부정", 1: "긍정"}))
     assert data.labels == ["부정", "긍정"] and data.report.kept_rows == 40
 
@@ -143,9 +135,9 @@ def test_datasets_folder_and_dataset_dict_splits(tmp_path: Path) -> None:
 
 def test_given_split_files(tmp_path: Path) -> None:
     rows = review_rows(60)
-    train = write_csv(tmp_path / "train.csv", rows[:40])
-    val = write_csv(tmp_path / "val.csv", rows[40:50])
-    test = write_csv(tmp_path / "test.csv", rows[50:])
+    train = write_rows(tmp_path / "train.csv", rows[:40])
+    val = write_rows(tmp_path / "val.csv", rows[40:50])
+    test = write_rows(tmp_path / "test.csv", rows[50:])
     data = prepare_data(data_config(splits={"train": str(train), "validation": str(val), "test": str(test)}))
     assert data.report.split_sizes == {"train": 40, "validation": 10, "test": 10}
 
@@ -184,7 +176,7 @@ def test_not_utf8_names_the_line_and_the_fix(tmp_path: Path) -> None:
 
 
 def test_wrong_delimiter_is_detected(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "tabs.csv", review_rows(10), delimiter="\t")
+    path = write_rows(tmp_path / "tabs.csv", review_rows(10), delimiter="\t")
     with pytest.raises(DataError, match="tab-separated: set data.format to tsv"):
         prepare_data(data_config(path=str(path)))
 
@@ -192,14 +184,14 @@ def test_wrong_delimiter_is_detected(tmp_path: Path) -> None:
 def test_nan_and_none_texts_and_duplicates_are_dropped_and_reported(tmp_path: Path) -> None:
     rows = review_rows(30) + [{"text": "nan", "label": "positive"}, {"text": "", "label": "neutral"}]
     rows += [dict(rows[0]), {"text": rows[1]["text"].upper(), "label": rows[1]["label"]}]
-    data = prepare_data(data_config(path=str(write_csv(tmp_path / "d.csv", rows))))
+    data = prepare_data(data_config(path=str(write_rows(tmp_path / "d.csv", rows))))
     assert data.report.dropped == {"empty_text": 2, "duplicate_text": 2}
 
 
 def test_class_too_small_for_stratified_split(tmp_path: Path) -> None:
     rows = review_rows(30) + [{"text": "the rare one", "label": "rare"}]
     with pytest.raises(DataError, match="class 'rare' has only 1 row"):
-        prepare_data(data_config(path=str(write_csv(tmp_path / "d.csv", rows))))
+        prepare_data(data_config(path=str(write_rows(tmp_path / "d.csv", rows))))
 
 
 def test_truncation_and_token_lengths_are_counted(reviews_csv: Path, tiny_bert: Path) -> None:
@@ -217,7 +209,7 @@ def test_korean_cleaning_keeps_hangul_latin_digits_and_reports_changes(tmp_path:
     assert clean_text("  as is 👍 ", "none") == "as is 👍"
     rows = [{"text": f"좋아요 👍 {i}", "label": "긍정" if i % 2 else "부정"} for i in range(20)]
     rows += [{"text": "👍👍", "label": "긍정"}]
-    data = prepare_data(data_config(path=str(write_csv(tmp_path / "k.csv", rows)), clean="korean"))
+    data = prepare_data(data_config(path=str(write_rows(tmp_path / "k.csv", rows)), clean="korean"))
     assert data.report.cleaning_changed == 21
     assert data.report.dropped == {"empty_after_cleaning": 1}
     assert all("👍" not in t for t in data.train.texts)
