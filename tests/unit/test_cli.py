@@ -14,7 +14,7 @@ from peftlab.cli import app
 
 runner = CliRunner()
 COMMANDS = [[], ["run"], ["data", "check"], ["report"], ["methods"], ["models", "list"], ["models", "prepare"],
-            ["predict"], ["export"], ["serve"]]
+            ["predict"], ["export"], ["serve"], ["generate"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "peftlab")
