@@ -378,7 +378,9 @@ def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunR
     loss = prediction.metrics.get("test_loss")
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predicted = np.asarray(logits).argmax(axis=-1)
-    labels = np.asarray(data.test.labels)
+    # The Trainer's eval sampler groups by length too, so rows come back in its order, not the split's:
+    # its label_ids are the only labels aligned with these logits.
+    labels = np.asarray(prediction.label_ids)
     result.test_metrics = {"loss": float(loss), **classification_metrics(labels, predicted, len(data.labels))}
     result.per_class = per_class_report(labels, predicted, data.labels)
     result.confusion_matrix = confusion(labels, predicted, len(data.labels))

@@ -122,6 +122,23 @@ def test_reload_with_plain_transformers_and_peft_predicts_the_same(finished_run:
     assert predictor.predict(texts) == [predictor.labels[i] for i in expected.argmax(-1)]
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "prompt_tuning"])
+def test_reported_test_metrics_equal_the_saved_models_predictions(finished_run: tuple[Path, object],
+                                                                   method: str) -> None:
+    """The eval sampler reorders rows by length: metrics must pair each prediction with its own label."""
+    from peftlab.data import prepare_data
+    from peftlab.evaluate import classification_metrics
+
+    run_dir, result = finished_run
+    config = load_config(run_dir / "config.yaml")
+    data = prepare_data(config.data)
+    predicted = load_predictor(run_dir / method).predict_proba(data.test.texts).argmax(-1)
+    expected = classification_metrics(np.asarray(data.test.labels), predicted, len(data.labels))
+    reported = next(r for r in result.runs if r.name == method).test_metrics
+    assert reported["accuracy"] == pytest.approx(expected["accuracy"])
+    assert reported["f1_macro"] == pytest.approx(expected["f1_macro"])
+
+
 def test_saved_adapter_reports_accuracy_consistent_with_its_test_metrics(finished_run: tuple[Path, object]) -> None:
     run_dir, result = finished_run
     run = next(r for r in result.runs if r.name == "lora")
