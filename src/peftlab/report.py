@@ -240,7 +240,8 @@ def _comparison(experiment: ExperimentResult) -> tuple[list[str], list[dict[str,
         if run.status != "ok":
             rows.append({"method": f"{run.name} (failed)", "trainable": run.error or ""})
             continue
-        row = {"method": run.name, "trainable": f"{human_count(run.trainable_params)} ({run.trainable_pct:.2f}%)",
+        pct = f"{run.trainable_pct:.2f}" if run.trainable_pct >= 0.01 else f"{run.trainable_pct:.2g}"
+        row = {"method": run.name, "trainable": f"{human_count(run.trainable_params)} ({pct}%)",
                "time": f"{run.wall_time_s:.1f} s", "samples/s": f"{run.train_samples_per_s:.1f}",
                "peak RSS": human_bytes(run.peak_rss_bytes), "model/adapter": human_bytes(run.model_size_bytes),
                "optimizer state": human_bytes(run.optimizer_state_bytes),

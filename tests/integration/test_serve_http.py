@@ -21,7 +21,7 @@ TEXTS = ["A wonderful, moving film with brilliant acting.", "Dull, messy and far
          "It was fine, nothing special.", "I would watch it again tomorrow!", "The plot made no sense at all.",
          "Average popcorn entertainment."]
 METHODS = {"lora": "lora", "ia3": "ia3", "prompt": "prompt_tuning", "lora-b": "lora"}
-REQUESTS, THREADS = 200, 8
+REQUESTS, THREADS, WARMUP = 2000, 16, 300
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,25 @@ def check(result: dict[str, Any], expected: dict[str, Any], adapter: str, text: 
 
 
 def test_concurrent_load_each_response_matches_its_request(server: RunningServer, expected: dict[str, Any]) -> None:
+    """2,000 requests from 16 clients across four adapters: no errors, no mixed-up rows, memory stable."""
+    import psutil
+
+    process = psutil.Process()  # the server runs in this process, on a thread
+    failures = send_load(server, expected, range(WARMUP))
+    rss_after_warmup = process.memory_info().rss
+    failures += send_load(server, expected, range(WARMUP, REQUESTS))
+    growth = process.memory_info().rss - rss_after_warmup
+    assert not failures, failures[:3]
+    assert growth < 64 * 2**20, f"resident memory grew {growth / 2**20:.1f} MiB over {REQUESTS - WARMUP} requests"
+    health = httpx.get(server.url + "/health").json()
+    assert health["loaded"] == len(METHODS) and health["failed"] == 0
+    # Concurrent requests shared batches (and within a batch, lora + lora-b share one forward pass).
+    assert health["batches"] < REQUESTS, health
+
+
+def send_load(server: RunningServer, expected: dict[str, Any], numbers: range) -> list[str]:
     failures: list[str] = []
-    counter = iter(range(REQUESTS))
+    counter = iter(numbers)
     lock = threading.Lock()
 
     def worker() -> None:
@@ -108,11 +125,7 @@ def test_concurrent_load_each_response_matches_its_request(server: RunningServer
         thread.start()
     for thread in threads:
         thread.join()
-    assert not failures, failures[:3]
-    health = httpx.get(server.url + "/health").json()
-    assert health["loaded"] == len(METHODS) and health["failed"] == 0
-    # Concurrent requests shared batches (and within a batch, lora + lora-b share one forward pass).
-    assert health["batches"] < REQUESTS, health
+    return failures
 
 
 def raw_http(url: str, request: bytes) -> bytes:
