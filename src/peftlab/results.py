@@ -35,7 +35,7 @@ class RunResult:
     train_samples_per_s: float = 0.0
     train_steps: int = 0
     epochs_run: float = 0.0
-    step_time_s: float = 0.0  # mean seconds per optimizer step (train phase only)
+    step_time_s: float = 0.0  # mean seconds inside an optimizer step (evaluation excluded), this process's steps
     peak_rss_bytes: int = 0  # peak resident memory of the process while this method trained
     peak_accelerator_bytes: int | None = None
     trainable_params: int = 0

@@ -131,6 +131,27 @@ class _PeakMemory:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+def _step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Seconds spent inside optimizer steps only (forward, backward, update), excluding evaluation."""
+
+        def __init__(self) -> None:
+            self.total = 0.0
+            self.steps = 0
+            self._started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.total += time.perf_counter() - self._started
+            self.steps += 1
+
+    return StepTimer()
+
+
 def _adalora_callback() -> Any:
     from transformers import TrainerCallback
 
@@ -229,7 +250,8 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         disable_tqdm=False,
     )
     collator = causal_lm_collator(base.tokenizer) if not classify else DataCollatorWithPadding(base.tokenizer)
-    callbacks: list[Any] = []
+    step_timer = _step_timer()
+    callbacks: list[Any] = [step_timer]
     if training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     if method_config.method == MethodName.ADALORA.value:
@@ -269,7 +291,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         options=method_config.model_dump(exclude={"name", "method", "learning_rate"}),
         wall_time_s=wall, train_samples_per_s=float(output.metrics.get("train_samples_per_second", 0.0)),
         train_steps=int(trainer.state.global_step), epochs_run=float(trainer.state.epoch or 0.0),
-        step_time_s=wall / max(1, trainer.state.global_step), peak_rss_bytes=memory.peak,
+        step_time_s=step_timer.total / max(1, step_timer.steps), peak_rss_bytes=memory.peak,
         peak_accelerator_bytes=peak_accelerator, trainable_params=trainable, total_params=total,
         optimizer_state_bytes=optimizer_bytes, best_epoch=best.epoch if best else None,
         best_metric_name=metric, best_metric=_metric_value(best, metric) if best else None, history=history,

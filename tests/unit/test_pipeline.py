@@ -63,6 +63,7 @@ def test_every_method_trains_and_is_measured(finished_run: tuple[Path, object]) 
     for run in result.runs:
         assert 0 < run.trainable_params <= run.total_params
         assert run.wall_time_s > 0 and run.train_samples_per_s > 0 and run.peak_rss_bytes > 0
+        assert 0 < run.step_time_s * run.train_steps < run.wall_time_s  # evaluation is not in the step time
         assert len(run.history) == 2 and run.best_epoch in (1.0, 2.0)
         assert set(run.test_metrics) == {"loss", "accuracy", "precision_macro", "recall_macro", "f1_macro"}
         assert sum(map(sum, run.confusion_matrix)) == 9
