@@ -188,7 +188,8 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
             ax.set_yscale("log")
         ax.tick_params(axis="x", rotation=30, labelsize=8)
         for i, value in enumerate(values):
-            ax.annotate(f"{value:.3g}", (i, value), ha="center", va="bottom", fontsize=7)
+            ax.annotate(f"{value:.3g}" if value < 1000 else human_count(int(value)), (i, value), ha="center",
+                        va="bottom", fontsize=7)
     fig.suptitle("Cost per method")
     plots["Cost per method"] = _save(fig, folder / "costs.png")
 
