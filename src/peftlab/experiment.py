@@ -47,11 +47,9 @@ def _refuse_existing(run_dir: Path, overwrite: bool, resume: bool) -> None:
         raise RunDirError(f"{run_dir} is not a peftlab run (no config.yaml); cannot --resume it")
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Create the run directory; with --overwrite, replace an existing one."""
-    _refuse_existing(run_dir, overwrite, resume)
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and overwrite:
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create the run directory; with --overwrite, replace an existing one (already allowed by the caller)."""
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
         # Move aside first, delete after: a crash in between leaves the old run recoverable.
         aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
         os.replace(run_dir, aside)
@@ -80,7 +78,8 @@ def environment(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (and the only process otherwise): the one that writes."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -117,10 +116,11 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
     data = prepare_data(config.data, config.task, tokenizer)
 
-    if _is_main_process():
-        prepare_run_dir(run_dir, overwrite, resume)
+    env = environment(config)
+    if is_main_process():
+        prepare_run_dir(run_dir, overwrite)
         fsutil.write_text(run_dir / "config.yaml", dump_config(config))
-        fsutil.write_json(run_dir / "environment.json", environment(config))
+        fsutil.write_json(run_dir / "environment.json", env)
         fsutil.write_json(run_dir / "data_report.json", dataclasses.asdict(data.report))
         render_data_report_console(data.report)
     base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
@@ -155,15 +155,15 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
             from peftlab.generate import generate_for_report
 
             result.generations = generate_for_report(config, base, run_dir / result.output_dir)
-        if _is_main_process():
+        if is_main_process():
             fsutil.write_json(done, dataclasses.asdict(result))
         runs.append(result)
 
     experiment = ExperimentResult(
         name=config.name or run_dir.name, task=config.task, config=config.model_dump(mode="json"),
         data_report=dataclasses.asdict(data.report), runs=runs,
-        environment=environment(config), **extra)
-    if _is_main_process():
+        environment=env, **extra)
+    if is_main_process():
         write_report(experiment, run_dir)
     return experiment
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from peftlab import fsutil
 from peftlab.errors import AdapterError, ModelError
+from peftlab.experiment import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def load_generator(model_dir: str | Path, base_model: str | None = None, dtype: 
     import torch
 
     from peftlab.models import ALIASES, load_tokenizer, resolve_dtype, resolve_model_path
-    from peftlab.predict import find_model_dir, read_metadata
+    from peftlab.predict import find_model_dir, read_metadata, tokenizer_folder
 
     folder = resolve_model_path(str(model_dir)) if str(model_dir) in ALIASES else find_model_dir(model_dir)
     meta = read_metadata(folder)
@@ -77,8 +77,7 @@ def load_generator(model_dir: str | Path, base_model: str | None = None, dtype: 
     torch_dtype = resolve_dtype(dtype)
     trust = bool(meta.get("trust_remote_code", False))
     model, base_folder = _load_causal_lm(folder, meta, base_model, torch_dtype, trust, allow_pickle)
-    # A run's model folder holds the tokenizer it was trained with; an adapter saved elsewhere may not.
-    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").exists() else base_folder, trust)
+    tokenizer = load_tokenizer(tokenizer_folder(folder, base_folder), trust)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(target).eval()
     return Generator(model=model, tokenizer=tokenizer, metadata=meta)
@@ -87,29 +86,21 @@ def load_generator(model_dir: str | Path, base_model: str | None = None, dtype: 
 def _load_causal_lm(folder: Path, meta: dict[str, Any], base_model: str | None, dtype: Any, trust: bool,
                     allow_pickle: bool) -> tuple[Any, Path]:
     """The model (FFT folder, or base + adapter via ``PeftModel.from_pretrained``) and the base folder."""
-    from peftlab.models import load_base_model, resolve_model_path
+    from peftlab.models import load_base_model
+    from peftlab.predict import adapter_base_folder, attach_adapter
 
     if not meta.get("is_adapter"):
         return load_base_model(folder, "causal-lm", dtype=dtype, trust_remote_code=trust,
                                allow_pickle=allow_pickle), folder
 
-    from peft import PeftModel
-
-    base_name = base_model or meta.get("base_model")
-    if not base_name:
-        raise AdapterError(f"{folder}: the adapter does not record its base model; pass --base")
+    base_folder = adapter_base_folder(folder, meta, base_model)
     try:
-        base_folder = resolve_model_path(str(base_name))
         base = load_base_model(base_folder, "causal-lm", dtype=dtype, trust_remote_code=trust,
                                allow_pickle=allow_pickle)
     except ModelError as exc:
-        raise AdapterError(f"{folder}: base model {base_name} cannot be loaded ({exc}); pass --base with its "
+        raise AdapterError(f"{folder}: base model {base_folder} cannot be loaded ({exc}); pass --base with its "
                            f"folder") from None
-    try:
-        return PeftModel.from_pretrained(base, str(folder)), base_folder
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the "
-                           f"base it was trained on with --base") from None
+    return attach_adapter(base, folder, base_folder), base_folder
 
 
 # --------------------------------------------------------------------------- generation
@@ -177,10 +168,6 @@ def _config_settings(config: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- experiment hooks
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def generate_for_report(config: Any, base: Any, model_dir: Path) -> dict[str, str]:
     """Generations of one trained method's saved model/adapter for the config's prompts.
 
@@ -193,7 +180,7 @@ def generate_for_report(config: Any, base: Any, model_dir: Path) -> dict[str, st
         prompt -> generated text; empty when there are no prompts or nothing was saved (non-main process).
     """
     prompts = list(config.generation.prompts)
-    if not prompts or not _is_main_process() or not Path(model_dir).is_dir():
+    if not prompts or not is_main_process() or not Path(model_dir).is_dir():
         return {}
     # Reloaded from disk rather than reused from the Trainer: this is what a user of the saved folder gets.
     generator = load_generator(model_dir, base_model=str(base.folder), dtype=config.model.dtype,
@@ -241,7 +228,7 @@ def base_model_baseline(config: Any, base: Any, tokenized: dict[str, Any], run_d
         losses = _evaluate_loss(config, base, model, splits)
         losses.setdefault("validation", losses["test"])
         generations: dict[str, str] = {}
-        if config.generation.prompts and _is_main_process():  # only the main process writes the report
+        if config.generation.prompts and is_main_process():  # only the main process writes the report
             model.to(base.dtype)  # generate in the dtype a loaded method uses (load_generator: model.dtype)
             texts = generate(Generator(model=model, tokenizer=base.tokenizer), list(config.generation.prompts),
                              **_config_settings(config))
@@ -252,7 +239,7 @@ def base_model_baseline(config: Any, base: Any, tokenized: dict[str, Any], run_d
     logger.info("base model: test loss %.4f (perplexity %.2f), validation loss %.4f", losses["test"],
                 perplexity(losses["test"]) or float("nan"), losses["validation"])
     result = {"base_generations": generations, "base_eval_loss": losses["test"], "generation_settings": settings}
-    if _is_main_process():
+    if is_main_process():
         fsutil.write_json(cache, {**result, "base_validation_loss": losses["validation"]})
     return result
 

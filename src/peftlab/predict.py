@@ -140,20 +140,50 @@ def load_predictor(model_dir: str | Path, *, base_model: str | None = None, dtyp
     torch_dtype = resolve_dtype(dtype)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     trust = bool(meta.get("trust_remote_code", False))
-    model, labels = load_classifier(folder, meta, base_model, torch_dtype, trust, allow_pickle)
-    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").exists() else Path(meta["base_model"]),
-                               trust)
+    base_folder = adapter_base_folder(folder, meta, base_model) if meta.get("is_adapter") else folder
+    tokenizer = load_tokenizer(tokenizer_folder(folder, base_folder), trust)
+    model, labels = load_classifier(folder, meta, base_folder, torch_dtype, trust, allow_pickle,
+                                    pad_token_id=tokenizer.pad_token_id)
     model.to(target).eval()
     return Predictor(model=model, tokenizer=tokenizer, labels=labels, max_length=int(meta.get("max_length", 512)),
                      clean=meta.get("clean", "none"), metadata=meta, batch_size=batch_size)
 
 
-def load_classifier(folder: Path, meta: dict[str, Any], base_model: str | None, dtype: Any, trust: bool,
-                    allow_pickle: bool = False) -> tuple[Any, list[str]]:
+def adapter_base_folder(folder: Path, meta: dict[str, Any], base_model: str | None) -> Path:
+    """The base model folder an adapter loads on: ``base_model`` if given, else the one it recorded."""
+    from peftlab.models import resolve_model_path
+
+    base_name = base_model or meta.get("base_model")
+    if not base_name:
+        raise AdapterError(f"{folder}: the adapter does not record its base model; pass --base")
+    try:
+        return resolve_model_path(str(base_name))
+    except ModelError as exc:
+        raise AdapterError(f"{folder}: base model {base_name} not found ({exc}); pass --base with its folder") from None
+
+
+def tokenizer_folder(folder: Path, base_folder: Path) -> Path:
+    """A run's model folder holds the tokenizer it was trained with; an adapter saved elsewhere may not."""
+    return folder if (folder / "tokenizer_config.json").exists() else base_folder
+
+
+def attach_adapter(base: Any, folder: Path, base_folder: Path) -> Any:
+    """``PeftModel.from_pretrained(base, folder)``; a mismatch with the base becomes a clear :class:`AdapterError`."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(folder))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the base "
+                           f"it was trained on with --base") from None
+
+
+def load_classifier(folder: Path, meta: dict[str, Any], base_folder: Path, dtype: Any, trust: bool,
+                    allow_pickle: bool = False, pad_token_id: int | None = None) -> tuple[Any, list[str]]:
     """Model (FFT, or base + adapter via ``PeftModel.from_pretrained``) and its class names."""
     from transformers import AutoModelForSequenceClassification
 
-    from peftlab.models import check_model_folder, resolve_model_path
+    from peftlab.models import check_model_folder, load_base_model
 
     if not meta.get("is_adapter"):
         check_model_folder(folder, trust, allow_pickle)
@@ -161,29 +191,9 @@ def load_classifier(folder: Path, meta: dict[str, Any], base_model: str | None, 
         labels = meta.get("labels") or [model.config.id2label[i] for i in range(model.config.num_labels)]
         return model, list(labels)
 
-    from peft import PeftModel
-
-    base_name = base_model or meta.get("base_model")
-    if not base_name:
-        raise AdapterError(f"{folder}: the adapter does not record its base model; pass --base")
-    try:
-        base_folder = resolve_model_path(str(base_name))
-    except ModelError as exc:
-        raise AdapterError(f"{folder}: base model {base_name} not found ({exc}); pass --base with its folder") from None
     labels = meta.get("labels")
     if not labels:
         raise AdapterError(f"{folder}: no class names recorded (peftlab.json missing); it was not saved by peftlab")
-    check_model_folder(base_folder, trust, allow_pickle)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(base_folder), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)}, dtype=dtype, trust_remote_code=trust)
-    if base.config.pad_token_id is None:
-        from peftlab.models import load_tokenizer
-
-        base.config.pad_token_id = load_tokenizer(folder, trust).pad_token_id
-    try:
-        model = PeftModel.from_pretrained(base, str(folder))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the base "
-                           f"it was trained on with --base") from None
-    return model, list(labels)
+    base = load_base_model(base_folder, "classification", list(labels), dtype=dtype, trust_remote_code=trust,
+                           allow_pickle=allow_pickle, pad_token_id=pad_token_id)
+    return attach_adapter(base, folder, base_folder), list(labels)
