@@ -30,6 +30,17 @@ def peft_config(method: str, task_type: str = "SEQ_CLS") -> Any:
     return configs[method]()
 
 
+def expected_predictions(adapters_dir: Path, names: Any, texts: list[str]) -> dict[str, dict[str, Any]]:
+    """Each adapter's own labels and probabilities, from peftlab's predictor (base + that adapter alone)."""
+    from peftlab.predict import load_predictor
+
+    out = {}
+    for name in names:
+        predictor = load_predictor(adapters_dir / name)
+        out[name] = {"labels": predictor.labels, "proba": predictor.predict_proba(texts)}
+    return out
+
+
 def make_adapter(base: Path, folder: Path, method: str, *, labels: list[str] | None = None, seed: int = 0,
                  scale: float = 0.3, max_length: int = 48) -> Path:
     """Save a random ``method`` adapter for sequence classification on ``base`` into ``folder``."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from serve_helpers import RunningServer, make_adapter
+from serve_helpers import RunningServer, expected_predictions, make_adapter
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +46,7 @@ def adapters_dir(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected(adapters_dir: Path) -> dict[str, Any]:
-    from peftlab.predict import load_predictor
-
-    out = {}
-    for name in METHODS:
-        predictor = load_predictor(adapters_dir / name)
-        out[name] = {"labels": predictor.labels, "proba": predictor.predict_proba(TEXTS)}
-    return out
+    return expected_predictions(adapters_dir, METHODS, TEXTS)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from serve_helpers import make_adapter, make_full_model
+from serve_helpers import expected_predictions, make_adapter, make_full_model
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -44,13 +44,7 @@ def adapters_dir(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def expected(adapters_dir: Path) -> dict[str, Any]:
     """Each adapter's own predictions, from peftlab's predictor (base + one adapter, loaded alone)."""
-    from peftlab.predict import load_predictor
-
-    out = {}
-    for name in GOOD:
-        predictor = load_predictor(adapters_dir / name)
-        out[name] = {"labels": predictor.labels, "proba": predictor.predict_proba(TEXTS)}
-    return out
+    return expected_predictions(adapters_dir, GOOD, TEXTS)
 
 
 def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
