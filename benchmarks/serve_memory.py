@@ -15,7 +15,8 @@ base only, and with N adapters.
 
 ``--naive`` measures the alternative for comparison: N independent predictors
 (``peftlab.predict.load_predictor``), each with its own copy of the base.
-The result is a markdown table on stdout (copied into docs/serving.md).
+The result is a markdown table on stdout (copied into docs/serving.md), or with ``--json``
+one JSON line (used by ``benchmarks/run.py``, scenario serve).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--naive", type=int, nargs="*", default=[1, 4], help="counts for the one-model-per-adapter "
                                                                              "comparison")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of markdown tables")
     parser.add_argument("--adapters", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=["shared", "naive"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +149,10 @@ def main() -> None:
         shared = [child("shared", args.base, root, n) for n in args.counts]
         naive = [child("naive", args.base, root, n) for n in args.naive]
 
+    if args.json:
+        print(json.dumps({"base": args.base, "rank": args.rank, "base_disk_bytes": base_bytes,
+                          "adapter_disk_bytes": adapter_bytes, "shared": shared, "naive": naive}))
+        return
     print(f"base {args.base}: {base_bytes / MiB:.1f} MiB on disk; one LoRA adapter (r={args.rank}): "
           f"{adapter_bytes / MiB:.2f} MiB on disk\n")
     print("| adapters loaded | RSS, base only (MiB) | RSS with adapters (MiB) | growth (MiB) | growth per adapter "

@@ -103,6 +103,9 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     from peftlab.report import render_data_report_console, write_report
     from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits, train_method
 
+    from peftlab.cpu import configure_threads
+
+    configure_threads()
     selected = _select(config, methods)
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other: choose one")

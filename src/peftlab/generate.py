@@ -66,9 +66,11 @@ def load_generator(model_dir: str | Path, base_model: str | None = None, dtype: 
     """
     import torch
 
+    from peftlab.cpu import configure_threads
     from peftlab.models import ALIASES, load_tokenizer, resolve_dtype, resolve_model_path
     from peftlab.predict import find_model_dir, read_metadata, tokenizer_folder
 
+    configure_threads()
     folder = resolve_model_path(str(model_dir)) if str(model_dir) in ALIASES else find_model_dir(model_dir)
     meta = read_metadata(folder)
     if meta.get("task") != "causal-lm":

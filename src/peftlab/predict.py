@@ -131,8 +131,10 @@ def load_predictor(model_dir: str | Path, *, base_model: str | None = None, dtyp
     """
     import torch
 
+    from peftlab.cpu import configure_threads
     from peftlab.models import load_tokenizer, resolve_dtype
 
+    configure_threads()
     folder = find_model_dir(model_dir)
     meta = read_metadata(folder)
     if meta.get("task") == "causal-lm":

@@ -224,6 +224,9 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         learning_rate=method_config.learning_rate,
         weight_decay=training.weight_decay,
+        # One fused AdamW kernel over the trainable parameters: 5x faster per step than foreach AdamW on CPU here
+        # (docs/benchmarks.md, section 5). Frozen weights are never handed to the optimizer (no state for them).
+        optim="adamw_torch_fused",
         warmup_steps=training.warmup_ratio,
         max_grad_norm=training.max_grad_norm,
         lr_scheduler_type=training.lr_scheduler,

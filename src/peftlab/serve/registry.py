@@ -269,7 +269,10 @@ class AdapterRegistry:
     def _load_base(self) -> None:
         import torch
 
+        from peftlab.cpu import configure_threads
         from peftlab.models import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
+
+        configure_threads()
 
         folder = resolve_model_path(self.base)
         for entry in self.entries.values():
