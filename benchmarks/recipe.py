@@ -10,14 +10,13 @@ warmup, no weight decay, the model of the last epoch). The same data split as pe
 
 ``--padding dynamic`` and ``--group-by-length`` switch on one of peftlab's defaults at a time, so the
 benchmark can say what each one is worth. Prints one JSON line: samples/s, steps, wall time, peak RSS
-(sampled every 50 ms) and test metrics.
+(``peftlab.train.PeakMemory``, sampled every 50 ms as in peftlab's runs) and test metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
 
 import numpy as np
 
@@ -33,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import datasets
-    import psutil
     import torch
     import transformers
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -43,6 +41,7 @@ def main() -> None:
     from peftlab.data import prepare_data
     from peftlab.evaluate import classification_metrics
     from peftlab.models import resolve_model_path
+    from peftlab.train import PeakMemory
 
     transformers.utils.logging.set_verbosity_error()
     config = load_config(args.config, args.overrides)
@@ -68,22 +67,15 @@ def main() -> None:
                       eval_dataset=encode(data.validation),
                       data_collator=DataCollatorWithPadding(tokenizer) if args.padding == "dynamic" else None)
 
-    process, peak, stop = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    threading.Thread(target=sample, daemon=True).start()
-    output = trainer.train()
-    stop.set()
+    with PeakMemory() as memory:  # the sampler peftlab's own runs use, so both sides are measured alike
+        output = trainer.train()
     prediction = trainer.predict(encode(data.test))
     # label_ids, not the split's order: group_by_length reorders evaluation rows too (transformers 5.x)
     metrics = classification_metrics(np.asarray(prediction.label_ids), prediction.predictions.argmax(-1),
                                      len(data.labels))
     print(json.dumps({"train_samples_per_s": output.metrics["train_samples_per_second"],
                       "wall_time_s": output.metrics["train_runtime"], "train_steps": trainer.state.global_step,
-                      "peak_rss_bytes": peak[0], "test_metrics": metrics}))
+                      "peak_rss_bytes": memory.peak, "test_metrics": metrics}))
 
 
 if __name__ == "__main__":

@@ -58,18 +58,22 @@ def peftlab_method(config: Path, method: str, out: Path, overrides: list[str]) -
     return json.loads((out / method / "result.json").read_text())
 
 
+def child_json(script: str, *args: str) -> dict[str, Any]:
+    """Run one of the benchmark scripts in a fresh process and parse the JSON line it prints last."""
+    done = subprocess.run([PYTHON, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # --------------------------------------------------------------------------- scenario 1
 
 
 def recipe_run(config: Path, out: Path, overrides: list[str], *options: str) -> dict[str, Any]:
     """The notebook recipe (benchmarks/recipe.py) in a fresh process, with some of peftlab's defaults switched on."""
-    command = [PYTHON, str(REPO / "benchmarks" / "recipe.py"), str(config), str(out), *options]
-    for item in overrides:
-        command += ["--set", item]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"recipe {options} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return child_json("recipe.py", str(config), str(out), *options, *sets)
 
 
 RUN_KEYS = ("train_samples_per_s", "wall_time_s", "train_steps", "peak_rss_bytes", "test_metrics")
@@ -161,15 +165,6 @@ def scenario_methods(train_samples: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- scenarios 4 and fast
-
-
-def child_json(script: str, *args: str) -> dict[str, Any]:
-    """Run one of the benchmark scripts in a fresh process and parse the JSON line it prints last."""
-    done = subprocess.run([PYTHON, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{script} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def scenario_serve(train_samples: int) -> dict[str, Any]:
@@ -414,7 +409,7 @@ def render_fast(results: dict[str, Any], recipe: dict[str, Any] | None, lora: di
     threads = micro["threads"]
     rows = threads["rows"]
     cores = threads["cores"]
-    best = rows[str(cores)] if str(cores) in rows else rows.get(cores)
+    best = rows[str(cores)]  # JSON keys: results always pass through json (child_json or the saved file)
     for count, row in rows.items():
         if int(count) == cores:
             continue

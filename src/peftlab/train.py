@@ -102,7 +102,7 @@ def causal_lm_collator(tokenizer: Any) -> Any:
     return collate
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak resident memory of this process, sampled every 50 ms on a daemon thread (cheap: one syscall)."""
 
     def __init__(self) -> None:
@@ -117,7 +117,7 @@ class _PeakMemory:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self._process.memory_info().rss)
 
-    def __enter__(self) -> "_PeakMemory":
+    def __enter__(self) -> "PeakMemory":
         import torch
 
         if torch.cuda.is_available():
@@ -274,7 +274,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     checkpoint = _last_complete_checkpoint(method_dir / CHECKPOINTS) if resume else None
     if checkpoint:
         logger.info("%s: resuming from %s", name, checkpoint)
-    with _PeakMemory() as memory:
+    with PeakMemory() as memory:
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=checkpoint)
         wall = time.perf_counter() - started

@@ -273,7 +273,6 @@ class AdapterRegistry:
         from peftlab.models import load_base_model, load_tokenizer, resolve_dtype, resolve_model_path
 
         configure_threads()
-
         folder = resolve_model_path(self.base)
         for entry in self.entries.values():
             trained_on = Path(entry.base_model).expanduser() if entry.base_model else None
