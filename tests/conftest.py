@@ -47,7 +47,7 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     make_tokenizer(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(WORDS) + 31, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64, pad_token_id=0)
+                        intermediate_size=37, max_position_embeddings=128, pad_token_id=0)
     BertModel(config).save_pretrained(str(folder), safe_serialization=True)
     return folder
 

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from peftlab import __version__
-from peftlab.errors import PeftlabError
+from peftlab.errors import DataError, FilesystemError, PeftlabError
 
 app = typer.Typer(name="peftlab", help="Compare full fine-tuning with PEFT methods from one config.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -71,13 +71,22 @@ def run(
     from peftlab.experiment import default_run_dir, run_experiment
     from peftlab.report import render_results_console
 
+    selected = None
+    if methods is not None:
+        selected = [m.strip() for m in methods.split(",") if m.strip()]
+        if not selected:
+            raise typer.BadParameter(f"{methods!r} names no method; give e.g. --methods full,lora", param_hint="--methods")
     cfg = load_config(config, set_)
     run_dir = output or default_run_dir(cfg, config)
-    selected = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
     render_results_console(experiment)
     typer.echo(f"report: {run_dir / 'report.html'} (also report.md, results.csv, results.json)")
-    if any(r.status != "ok" for r in experiment.runs):
+    failed = [r for r in experiment.runs if r.status != "ok"]
+    if failed:
+        for r in failed:
+            typer.secho(f"error: {r.name} failed: {r.error}", err=True, fg=typer.colors.RED)
+        typer.secho(f"{len(failed)} of {len(experiment.runs)} method(s) failed; the others' results are in the "
+                    f"report", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
 
 
@@ -111,7 +120,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with re
     results = run_dir / "results.json"
     if not results.is_file():
         raise PeftlabError(f"{results} not found: {run_dir} is not a finished peftlab run")
-    experiment = ExperimentResult.load(results)
+    try:
+        experiment = ExperimentResult.load(results)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # truncated JSON or another schema
+        raise PeftlabError(f"{results} is damaged or not a peftlab results file ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}); rerun `peftlab run ... --resume` to rewrite it") from None
     write_report(experiment, run_dir)
     render_results_console(experiment)
     typer.echo(f"report: {run_dir / 'report.html'}")
@@ -183,9 +196,15 @@ def predict(
 
     items = list(texts or [])
     if file is not None:
-        items += _read_texts(file, column)
+        from_file = _read_texts(file, column)
+        if not from_file:
+            raise DataError(f"--file {file} holds no texts (it is empty or only blank lines)")
+        items += from_file
     if not items:
         raise typer.BadParameter("give TEXT arguments or --file", param_hint="TEXTS")
+    _check_texts(items)
+    if output is not None and output.is_dir():
+        raise FilesystemError(f"--output {output} is a folder; give a file path such as {output / 'predictions.jsonl'}")
     if output is not None and output.exists() and not overwrite:
         raise PeftlabError(f"{output} exists; pass --overwrite to replace it")
     predictor = load_predictor(model_dir, base_model=base, batch_size=batch_size)
@@ -202,13 +221,31 @@ def predict(
             typer.echo(f"{row['label']}\t({probs})\t{row['text']}")
 
 
+def _check_texts(texts: list[str]) -> None:
+    """Texts that training would have dropped get no label: empty ones and ones that are not valid Unicode."""
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise DataError(f"text {number} is empty or only whitespace; training drops such texts, so it gets no "
+                            f"label. Remove it")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"text {number} is not valid UTF-8 ({text.encode('utf-8', 'backslashreplace')[:60]!r}); "
+                            f"re-encode it as UTF-8") from None
+
+
 def _read_texts(path: Path, column: str) -> list[str]:
     from peftlab.data.loading import detect_format, get_field, read_table
 
     if not path.is_file():
         raise PeftlabError(f"--file {path} does not exist")
     if path.suffix.lower() == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[:exc.start].count(b"\n") + 1
+            raise DataError(f"--file {path} is not UTF-8 (invalid byte 0x{path.read_bytes()[exc.start]:02x} on line "
+                            f"{line}); re-save it as UTF-8, e.g. `iconv -f cp949 -t utf-8 {path.name} > fixed.txt`") from None
         return [line for line in lines if line.strip()]
     table = read_table(path, detect_format(path, "auto"))
     if column not in table.columns:
@@ -289,10 +326,18 @@ def serve(
 def main() -> None:
     """Console entry point: run the app, turning peftlab errors into a message and exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of `raise typer.Exit(n)`.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except PeftlabError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # Any filesystem failure not caught closer to its cause: name the path and the reason, no traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.secho(f"error: {where}{exc.strerror or exc} (check the path, its permissions and free space)",
+                    err=True, fg=typer.colors.RED)
+        sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

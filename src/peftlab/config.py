@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 class _Strict(BaseModel):
     """Frozen model that rejects unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # allow_inf_nan=False: `learning_rate: .inf` and friends are config errors, not a run that trains to NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data

@@ -40,5 +40,9 @@ class RunDirError(PeftlabError):
     exit_code = 2
 
 
+class FilesystemError(PeftlabError):
+    """A path cannot be read or written (a file where a folder is expected, read-only, no space, removed)."""
+
+
 class AdapterError(PeftlabError):
     """An adapter folder is missing, unknown or does not match its base model."""

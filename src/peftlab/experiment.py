@@ -16,15 +16,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import contextlib
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
-from peftlab import fsutil
+from peftlab import fsutil, rundir
 from peftlab.config import ExperimentConfig, dump_config
-from peftlab.errors import ConfigError, MethodError, RunDirError
+from peftlab.errors import ConfigError, FilesystemError, MethodError, RunDirError
 from peftlab.results import ExperimentResult, RunResult
 
 logger = logging.getLogger(__name__)
@@ -35,26 +35,6 @@ def default_run_dir(config: ExperimentConfig, config_path: Path | None) -> Path:
         return Path(config.output.dir)
     stem = config.name or (config_path.stem if config_path else "experiment")
     return Path("runs") / stem
-
-
-def _refuse_existing(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an existing run unless the user said --overwrite or --resume."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not (overwrite or resume):
-        raise RunDirError(f"run directory {run_dir} already exists. Use --resume to continue it, --overwrite to "
-                          f"replace it, or --output to write elsewhere")
-    if exists and resume and not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"{run_dir} is not a peftlab run (no config.yaml); cannot --resume it")
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create the run directory; with --overwrite, replace an existing one (already allowed by the caller)."""
-    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
-        # Move aside first, delete after: a crash in between leaves the old run recoverable.
-        aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-        os.replace(run_dir, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def environment(config: ExperimentConfig) -> dict[str, Any]:
@@ -100,31 +80,46 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     """
     from peftlab.cpu import configure_threads
     from peftlab.data import prepare_data
-    from peftlab.models import check_model_folder, load_tokenizer, resolve_dtype, resolve_model_path
-    from peftlab.report import render_data_report_console, write_report
-    from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits, train_method
+    from peftlab.models import check_max_length, check_model_folder, load_tokenizer, resolve_model_path
+    from peftlab.report import render_data_report_console
 
     configure_threads()
     selected = _select(config, methods)
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
-    _refuse_existing(run_dir, overwrite, resume)
-    if resume and (run_dir / "config.yaml").is_file():
+    run_dir = rundir.check_target(run_dir)
+    rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume)  # fail fast, before loading anything
+    if resume and (run_dir / rundir.CONFIG).is_file():
         _check_same_config(run_dir, config)
 
     # Model and data are checked before anything is written: a typo costs nothing and leaves no half run.
     folder = resolve_model_path(config.model.path)
-    check_model_folder(folder, config.model.trust_remote_code, config.model.allow_pickle)
+    model_config = check_model_folder(folder, config.model.trust_remote_code, config.model.allow_pickle)
+    check_max_length(model_config, config.data.max_length, folder)
     tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
     data = prepare_data(config.data, config.task, tokenizer)
 
     env = environment(config)
-    if is_main_process():
-        prepare_run_dir(run_dir, overwrite)
-        fsutil.write_text(run_dir / "config.yaml", dump_config(config))
-        fsutil.write_json(run_dir / "environment.json", env)
-        fsutil.write_json(run_dir / "data_report.json", dataclasses.asdict(data.report))
-        render_data_report_console(data.report)
+    main = is_main_process()
+    # One writer per run directory; the other ranks of a distributed run write nothing.
+    lock = rundir.hold(run_dir, takeover=resume or overwrite) if main else contextlib.nullcontext()
+    with lock:
+        if main:
+            rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume)  # again, now that we hold it
+            rundir.create(run_dir, overwrite=overwrite)
+            fsutil.write_text(run_dir / rundir.CONFIG, dump_config(config))
+            fsutil.write_json(run_dir / rundir.ENVIRONMENT, env)
+            fsutil.write_json(run_dir / rundir.DATA_REPORT, dataclasses.asdict(data.report))
+            render_data_report_console(data.report)
+        return _run_methods(config, selected, run_dir, folder, tokenizer, data, env, resume)
+
+
+def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, folder: Path, tokenizer: Any,
+                 data: Any, env: dict[str, Any], resume: bool) -> ExperimentResult:
+    from peftlab.models import resolve_dtype
+    from peftlab.report import write_report
+    from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits, train_method
+
     base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
                          dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
                          allow_pickle=config.model.allow_pickle)
@@ -146,18 +141,24 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
             runs.append(RunResult.from_dict(json.loads(done.read_text(encoding="utf-8"))))
             continue
         logger.info("== %s (%s) ==", name, method_config.method)
+        if is_main_process():
+            rundir.check_intact(run_dir)
         try:
             result = train_method(config, method_config, data, base, tokenized, method_dir, resume=resume)
-        except MethodError as exc:
-            # One method that cannot apply to this model must not cost the user the others.
-            logger.error("%s failed: %s", name, exc)
+        except FilesystemError:
+            raise  # the run directory itself is gone or unwritable: no later method could be saved either
+        except Exception as exc:  # noqa: BLE001 - one method's failure must not cost the user the others
+            error = str(exc) if isinstance(exc, MethodError) else f"{type(exc).__name__}: {exc}"
+            logger.error("%s failed: %s", name, error)
+            logger.debug("%s failed", name, exc_info=True)
             result = RunResult(name=name, method=method_config.method, task=config.task, status="failed",
-                               error=str(exc), learning_rate=method_config.learning_rate)
+                               error=error[:2000], learning_rate=method_config.learning_rate)
         if config.task == "causal-lm" and result.status == "ok":
             from peftlab.generate import generate_for_report
 
             result.generations = generate_for_report(config, base, run_dir / result.output_dir)
         if is_main_process():
+            rundir.check_intact(run_dir)  # never recreate a deleted run directory with half its files
             fsutil.write_json(done, dataclasses.asdict(result))
         runs.append(result)
 
@@ -166,6 +167,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
         data_report=dataclasses.asdict(data.report), runs=runs,
         environment=env, **extra)
     if is_main_process():
+        rundir.check_intact(run_dir)
         write_report(experiment, run_dir)
     return experiment
 

@@ -177,6 +177,24 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False, allow_pick
     return config
 
 
+# Models whose position ids start after the padding index: pad_token_id + 1 positions are never used by tokens.
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
+
+
+def check_max_length(model_config: dict[str, Any], max_length: int, folder: Path) -> None:
+    """Refuse a ``data.max_length`` longer than the model has position embeddings (it would index past them)."""
+    from peftlab.errors import ConfigError
+
+    positions = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    if not isinstance(positions, int):
+        return  # relative/rotary positions without a stated limit
+    if model_config.get("model_type") in _OFFSET_POSITIONS:
+        positions -= int(model_config.get("pad_token_id") or 0) + 1
+    if max_length > positions:
+        raise ConfigError(f"data.max_length {max_length} is longer than {folder} can read ({positions} positions, "
+                          f"config.json max_position_embeddings); set data.max_length to at most {positions}")
+
+
 def resolve_dtype(name: str) -> Any:
     """The torch dtype for ``model.dtype``: auto is bf16 on GPUs that support it, else fp32.
 

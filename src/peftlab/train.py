@@ -23,6 +23,7 @@ import numpy as np
 from peftlab import fsutil
 from peftlab.config import ExperimentConfig, MethodName
 from peftlab.data import PreparedData
+from peftlab.errors import MethodError
 from peftlab.evaluate import (
     GREATER_IS_BETTER,
     classification_metrics,
@@ -164,6 +165,42 @@ def _adalora_callback() -> Any:
     return AdaLoraRankAllocation()
 
 
+def _finite_guard(learning_rate: float, method: str) -> Any:
+    from transformers import TrainerCallback
+
+    class FiniteGuard(TrainerCallback):
+        """Stop a method whose weights or losses stop being finite: its numbers would be garbage reported as results.
+
+        The Trainer's logged loss hides non-finite steps (``logging_nan_inf_filter``), so the trainable weights are
+        checked instead: every step for the first few (a too-high learning rate blows up at once), then every
+        ``EVERY`` steps (an isfinite pass over the trainable weights costs ~1% of a step), and every eval loss.
+        """
+
+        EVERY = 10
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            import torch
+
+            step = state.global_step
+            if model is None or (step > 3 and step % self.EVERY):
+                return
+            with torch.no_grad():
+                if all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+                    return
+            self._fail(f"trainable weights became NaN/inf at step {step}")
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+            loss = (metrics or {}).get("eval_loss")
+            if loss is not None and not math.isfinite(loss):
+                self._fail(f"validation loss is {loss} after step {state.global_step}")
+
+        def _fail(self, what: str) -> None:
+            raise MethodError(f"{what}: training diverged. learning_rate {learning_rate:g} is probably too high for "
+                              f"{method}; lower it (e.g. --set methods.{method}.learning_rate={learning_rate / 10:g})")
+
+    return FiniteGuard()
+
+
 def train_method(config: ExperimentConfig, method_config: Any, data: PreparedData, base: BaseModelSpec,
                  tokenized: dict[str, Any], method_dir: Path, resume: bool = False) -> RunResult:
     """Train and evaluate one method; save its model (or adapter) to ``method_dir/model``.
@@ -254,7 +291,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     )
     collator = causal_lm_collator(base.tokenizer) if not classify else DataCollatorWithPadding(base.tokenizer)
     step_timer = _step_timer()
-    callbacks: list[Any] = [step_timer]
+    callbacks: list[Any] = [step_timer, _finite_guard(method_config.learning_rate, name)]
     if training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     if method_config.method == MethodName.ADALORA.value:

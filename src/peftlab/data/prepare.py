@@ -144,6 +144,11 @@ def prepare_data(config: DataConfig, task: str = "classification", tokenizer: An
     kept = sum(len(rows) for rows in rows_by_table.values())
     if kept == 0:
         raise DataError(_nothing_left_message(source, raw_rows, dropped, examples, outside, config))
+    present = sorted({lab for rows in rows_by_table.values() for _, lab in rows}) if classify else []
+    if classify and len(present) < 2:
+        # One class trains a one-label head that "predicts" it with probability 1: garbage reported as F1 1.0.
+        raise DataError(f"{source}: only one class ({present[0]!r}) is left after cleaning ({kept} rows); a "
+                        f"classifier needs at least 2. Check data.label_column and data.label_map")
 
     notes: list[str] = []
     if "all" in rows_by_table:
