@@ -85,8 +85,8 @@ def run(
     if failed:
         for r in failed:
             typer.secho(f"error: {r.name} failed: {r.error}", err=True, fg=typer.colors.RED)
-        typer.secho(f"{len(failed)} of {len(experiment.runs)} method(s) failed; the others' results are in the "
-                    f"report", err=True, fg=typer.colors.RED)
+        rest = "the others' results are in the report" if len(failed) < len(experiment.runs) else "none finished"
+        typer.secho(f"{len(failed)} of {len(experiment.runs)} method(s) failed; {rest}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
 
 

@@ -7,7 +7,7 @@ A run directory is only ever replaced or written by peftlab when it can tell the
 - ``--overwrite`` replaces a run only when every entry in it is something peftlab writes; anything
   else (a thesis, photos, notes dropped into the folder) is listed and the run is refused.
 - One writer at a time: ``.<name>.lock`` *beside* the run directory (so it survives the move-aside of
-  ``--overwrite``) is created with ``O_EXCL`` and holds host, pid and start time. A second writer is refused
+  ``--overwrite``) is created in one step (hard link) and holds host, pid and start time. A second writer is refused
   with the holder's name; a lock whose process is gone can be taken over with ``--resume`` or ``--overwrite``.
 """
 
@@ -94,6 +94,27 @@ def _read_holder(path: Path) -> LockHolder | None:
         return LockHolder(host="?", pid=-1, started="?", command="unreadable lock file")
 
 
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it exists, in one step: the content is written to a private file
+    first and hard-linked into place, so nobody ever reads a lock that exists but is still empty."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # atomic, and fails if path exists (also on NFS, unlike O_EXCL on old clients)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise FilesystemError(f"cannot create the run directory's lock {path}: {exc.strerror}; {path.parent} must "
+                              f"be writable. Choose another --output") from None
+    finally:
+        with contextlib.suppress(OSError):  # absent, or on a read-only filesystem never created
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def hold(run_dir: Path, *, takeover: bool) -> Iterator[LockHolder]:
     """Hold the run directory's lock for the duration of the block.
@@ -115,30 +136,25 @@ def hold(run_dir: Path, *, takeover: bool) -> Iterator[LockHolder]:
                     started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     command=" ".join(["peftlab", *sys.argv[1:]])[:200])
     for _ in range(3):  # a lost race for a stale lock is retried; a live holder is refused at once
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_holder(path)
-            if holder is None:
-                continue  # released between our open and our read
-            if holder.pid == -1 or holder.is_stale():
-                if not takeover:
-                    raise RunLockedError(
-                        f"{run_dir} has a lock left by a process that is no longer running ({holder.describe()}). "
-                        f"Rerun with --resume to take it over and continue, or --overwrite to replace the run")
-                logger.warning("taking over the stale lock of %s (%s)", run_dir, holder.describe())
-                # Rename, not unlink: of two processes taking over at once, only one rename succeeds.
-                with contextlib.suppress(FileNotFoundError):
-                    os.replace(path, path.with_name(f"{path.name}.stale-{os.getpid()}"))
-                    os.unlink(path.with_name(f"{path.name}.stale-{os.getpid()}"))
-                continue
-            raise RunLockedError(f"{run_dir} is being written by another peftlab run: {holder.describe()}. Wait for "
-                                 f"it to finish, or write elsewhere with --output") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(asdict(me), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        break
+        if _create_exclusive(path, json.dumps(asdict(me))):
+            break
+        holder = _read_holder(path)
+        if holder is None:
+            continue  # released between our attempt and our read
+        if holder.pid == -1 or holder.is_stale():
+            if not takeover:
+                raise RunLockedError(
+                    f"{run_dir} has a lock left by a process that is no longer running ({holder.describe()}). "
+                    f"Rerun with --resume to take it over and continue, or --overwrite to replace the run")
+            logger.warning("taking over the stale lock of %s (%s)", run_dir, holder.describe())
+            # Rename, not unlink: of two processes taking over at once, only one rename succeeds.
+            aside = path.with_name(f"{path.name}.stale-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, aside)
+                os.unlink(aside)
+            continue
+        raise RunLockedError(f"{run_dir} is being written by another peftlab run: {holder.describe()}. Wait for "
+                             f"it to finish, or write elsewhere with --output")
     else:
         raise RunLockedError(f"could not take the lock {path}: other processes keep taking it; retry")
     try:

@@ -104,3 +104,51 @@ def test_ddp_on_two_cpu_processes_matches_a_single_process_run(tmp_path: Path) -
     first_ddp = ddp_runs[0]["history"][0]["eval_loss"]
     assert first_ddp == pytest.approx(first_single, rel=0.15)
     assert ddp_runs[0]["test_metrics"]["loss"] == pytest.approx(single_runs[0]["test_metrics"]["loss"], rel=0.15)
+
+
+def test_two_runs_on_one_run_directory_one_proceeds(tmp_path: Path) -> None:
+    """Started at the same instant, with different settings: exactly one trains, the other names the holder."""
+    model = make_tiny_bert(tmp_path / "model")
+    config = write_experiment(tmp_path, model, rows=300, epochs=3, methods="[{method: lora, learning_rate: 0.01}]")
+    out = tmp_path / "out"
+    first = peftlab("run", str(config), "--output", str(out))
+    second = peftlab("run", str(config), "--output", str(out), "--set", "training.seed=7")
+    codes = sorted([first.wait(timeout=600), second.wait(timeout=600)])
+    errors = first.stderr.read() + second.stderr.read()
+    assert codes == [0, 1], errors[-3000:]
+    assert "being written by another peftlab run: pid" in errors
+    assert "Traceback" not in errors
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results["runs"]] == ["ok"]  # the winner's result is whole, not overwritten
+    assert (out / "lora" / "model" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / ".out.lock").exists()  # released when the winner finished
+
+    # --overwrite while another run trains there is refused as well, and the training run is not disturbed.
+    training = peftlab("run", str(config), "--output", str(out), "--overwrite")
+    deadline = time.time() + 120
+    while not (tmp_path / ".out.lock").exists():
+        assert training.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    intruder = peftlab("run", str(config), "--output", str(out), "--overwrite")
+    assert intruder.wait(timeout=600) == 1
+    assert "being written by another peftlab run" in intruder.stderr.read()
+    assert training.wait(timeout=600) == 0, training.stderr.read()[-2000:]
+    assert json.loads((out / "results.json").read_text())["runs"][0]["status"] == "ok"
+
+
+def test_run_directory_deleted_mid_run_exits_1(tmp_path: Path) -> None:
+    model = make_tiny_bert(tmp_path / "model")
+    config = write_experiment(tmp_path, model, rows=300, epochs=2,
+                              methods="[{method: lora, learning_rate: 0.01}, {method: full, learning_rate: 0.001}]")
+    out = tmp_path / "out"
+    run = peftlab("run", str(config), "--output", str(out))
+    deadline = time.time() + 600
+    while not (out / "lora" / "result.json").is_file():
+        assert run.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    shutil.rmtree(out)
+    assert run.wait(timeout=600) == 1
+    errors = run.stderr.read()
+    assert "was deleted or replaced while this run was writing to it" in errors, errors[-2000:]
+    assert "Traceback" not in errors
+    assert not (out / "results.json").exists() and not (out / "config.yaml").exists()

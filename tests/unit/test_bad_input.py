@@ -31,6 +31,11 @@ class Case:
     build: Callable[[Path, Path], list[str]]  # (tmp folder, tiny model) -> CLI arguments
     exit_code: int
     expect: str  # regex the message must match
+    writes_run: bool = False  # a run that trains and fails a method still writes the others' results
+    chdir: str | None = None  # run the command from this folder under tmp
+
+
+CLEANUPS: list[Callable[[], None]] = []  # undone after each case (a mount, say)
 
 
 def config(tmp: Path, model: Path, data: Path | str, extra: str = "", methods: str = "[lora]") -> Path:
@@ -169,6 +174,220 @@ def case_existing_run(tmp: Path, model: Path) -> list[str]:
     return run_args(tmp, config(tmp, model, write_rows(tmp / "d.csv", review_rows(30))))
 
 
+def good_config(tmp: Path, model: Path, extra: str = "", methods: str = "[lora]") -> Path:
+    return config(tmp, model, write_rows(tmp / "d.csv", review_rows(30)), extra, methods)
+
+
+def fake_run(folder: Path, config_text: str = "name: x\n") -> Path:
+    """A folder as an earlier peftlab run leaves it (enough of it for --resume / --overwrite to recognise)."""
+    (folder / "lora").mkdir(parents=True)
+    (folder / "config.yaml").write_text(config_text, encoding="utf-8")
+    (folder / "environment.json").write_text("{}", encoding="utf-8")
+    (folder / "results.json").write_text("{}", encoding="utf-8")
+    (folder / "lora" / "result.json").write_text("{}", encoding="utf-8")
+    return folder
+
+
+def case_overwrite_foreign(tmp: Path, model: Path) -> list[str]:
+    thesis = tmp / "out"
+    (thesis / "photos").mkdir(parents=True)
+    (thesis / "thesis.txt").write_text("three years of work", encoding="utf-8")
+    return [*run_args(tmp, good_config(tmp, model)), "--overwrite"]
+
+
+def case_overwrite_user_file(tmp: Path, model: Path) -> list[str]:
+    (fake_run(tmp / "out") / "notes.txt").write_text("my notes", encoding="utf-8")
+    return [*run_args(tmp, good_config(tmp, model)), "--overwrite"]
+
+
+def case_overwrite_cwd(tmp: Path, model: Path) -> list[str]:
+    fake_run(tmp / "out")
+    return ["run", str(good_config(tmp, model)), "--output", ".", "--overwrite"]
+
+
+def case_output_file(tmp: Path, model: Path) -> list[str]:
+    (tmp / "out").write_text("not a folder", encoding="utf-8")
+    return run_args(tmp, good_config(tmp, model))
+
+
+def case_output_under_file(tmp: Path, model: Path) -> list[str]:
+    (tmp / "file").write_text("not a folder", encoding="utf-8")
+    return ["run", str(good_config(tmp, model)), "--output", str(tmp / "file" / "run")]
+
+
+def case_read_only(tmp: Path, model: Path) -> list[str]:
+    import subprocess
+
+    mount = tmp / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    CLEANUPS.append(lambda: subprocess.run(["umount", str(mount)], check=True))
+    return ["run", str(good_config(tmp, model)), "--output", str(mount / "run")]
+
+
+def lock_file(tmp: Path, pid: int) -> None:
+    import datetime
+    import socket
+
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    (tmp / ".out.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": started,
+                                               "command": "peftlab run exp.yaml"}), encoding="utf-8")
+
+
+def case_locked(tmp: Path, model: Path) -> list[str]:
+    lock_file(tmp, os.getpid())  # a live process (this one) holds it
+    return run_args(tmp, good_config(tmp, model))
+
+
+def case_stale_lock(tmp: Path, model: Path) -> list[str]:
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file(tmp, dead.pid)
+    return run_args(tmp, good_config(tmp, model))
+
+
+def case_overwrite_and_resume(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--overwrite", "--resume"]
+
+
+def case_resume_not_run(tmp: Path, model: Path) -> list[str]:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "thesis.txt").write_text("mine", encoding="utf-8")
+    return [*run_args(tmp, good_config(tmp, model)), "--resume"]
+
+
+def case_resume_changed(tmp: Path, model: Path) -> list[str]:
+    from peftlab.config import dump_config, load_config
+
+    cfg = good_config(tmp, model)
+    fake_run(tmp / "out", dump_config(load_config(cfg, ["training.epochs=3"])))
+    return [*run_args(tmp, cfg), "--resume"]
+
+
+def case_methods_comma(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--methods", ","]
+
+
+def case_methods_unknown(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--methods", "lora,dora"]
+
+
+def case_method_fails(tmp: Path, model: Path) -> list[str]:
+    return run_args(tmp, good_config(tmp, model, methods="[{method: lora, target_modules: [no_such_layer]}]"))
+
+
+def case_lr_inf(tmp: Path, model: Path) -> list[str]:
+    return run_args(tmp, good_config(tmp, model, methods="[{method: lora, learning_rate: .inf}]"))
+
+
+def case_lr_diverges(tmp: Path, model: Path) -> list[str]:
+    return run_args(tmp, good_config(tmp, model, methods="[{method: full, learning_rate: 1.0e+30}]"))
+
+
+def case_one_class(tmp: Path, model: Path) -> list[str]:
+    rows = [{"text": r["text"], "label": "positive"} for r in review_rows(30)]
+    return run_args(tmp, config(tmp, model, write_rows(tmp / "d.csv", rows)))
+
+
+def case_max_length(tmp: Path, model: Path) -> list[str]:
+    return run_args(tmp, good_config(tmp, model, "max_length: 1024"))
+
+
+def case_unknown_method(tmp: Path, model: Path) -> list[str]:
+    return run_args(tmp, good_config(tmp, model, methods="[{method: lorra}]"))
+
+
+def case_data_missing(tmp: Path, model: Path) -> list[str]:
+    return run_args(tmp, config(tmp, model, tmp / "nowhere.csv"))
+
+
+def saved_adapter(tmp: Path, model: Path) -> Path:
+    """A LoRA adapter with its peftlab.json, saved the way a run saves it (without training: seconds)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=2)
+    adapter = tmp / "adapter"
+    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4)).save_pretrained(str(adapter))
+    (adapter / "peftlab.json").write_text(json.dumps({"task": "classification", "labels": ["a", "b"],
+                                                      "base_model": str(model), "is_adapter": True}))
+    return adapter
+
+
+def case_predict_empty_text(tmp: Path, model: Path) -> list[str]:
+    return ["predict", str(saved_adapter(tmp, model)), "fine film", ""]
+
+
+def case_predict_blank_text(tmp: Path, model: Path) -> list[str]:
+    return ["predict", str(saved_adapter(tmp, model)), "   "]
+
+
+def case_predict_bad_unicode(tmp: Path, model: Path) -> list[str]:
+    return ["predict", str(saved_adapter(tmp, model)), "caf\udce9"]  # how Python passes a non-UTF-8 argv byte
+
+
+def case_predict_empty_file(tmp: Path, model: Path) -> list[str]:
+    (tmp / "empty.txt").write_text("\n\n", encoding="utf-8")
+    return ["predict", str(saved_adapter(tmp, model)), "--file", str(tmp / "empty.txt")]
+
+
+def case_predict_file_not_utf8(tmp: Path, model: Path) -> list[str]:
+    (tmp / "texts.txt").write_bytes("좋아요\n별로예요\n".encode("cp949"))
+    return ["predict", str(saved_adapter(tmp, model)), "--file", str(tmp / "texts.txt")]
+
+
+def case_predict_file_missing(tmp: Path, model: Path) -> list[str]:
+    return ["predict", str(saved_adapter(tmp, model)), "--file", str(tmp / "texts.txt")]
+
+
+def case_predict_output_exists(tmp: Path, model: Path) -> list[str]:
+    (tmp / "pred.jsonl").write_text("earlier predictions\n", encoding="utf-8")
+    return ["predict", str(saved_adapter(tmp, model)), "fine", "--output", str(tmp / "pred.jsonl")]
+
+
+def case_predict_output_dir(tmp: Path, model: Path) -> list[str]:
+    (tmp / "preds").mkdir()
+    return ["predict", str(saved_adapter(tmp, model)), "fine", "--output", str(tmp / "preds"), "--overwrite"]
+
+
+def case_predict_run_dir(tmp: Path, model: Path) -> list[str]:
+    (tmp / "run" / "lora" / "model").mkdir(parents=True)
+    return ["predict", str(tmp / "run"), "fine"]
+
+
+def case_predict_missing(tmp: Path, model: Path) -> list[str]:
+    return ["predict", str(tmp / "runs" / "nothing"), "fine"]
+
+
+def case_report_truncated(tmp: Path, model: Path) -> list[str]:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "results.json").write_text('{"name": "x", "task": "classification", "runs": [{"na', encoding="utf-8")
+    return ["report", str(tmp / "run")]
+
+
+def case_report_schema(tmp: Path, model: Path) -> list[str]:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "results.json").write_text('{"experiment": "x", "rows": [1, 2]}', encoding="utf-8")
+    return ["report", str(tmp / "run")]
+
+
+def case_report_no_results(tmp: Path, model: Path) -> list[str]:
+    (tmp / "run").mkdir()
+    return ["report", str(tmp / "run")]
+
+
+def case_export_no_merge(tmp: Path, model: Path) -> list[str]:
+    return ["export", str(saved_adapter(tmp, model)), "--output", str(tmp / "merged")]
+
+
+def case_generate_temperature(tmp: Path, model: Path) -> list[str]:
+    return ["generate", str(tmp / "nothing"), "Once", "--sample", "--temperature", "0"]
+
+
 CASES = [
     Case("empty file", case_empty, 1, r"is empty"),
     Case("not UTF-8", case_not_utf8, 1, r"not UTF-8 .*line 2.*iconv"),
@@ -192,7 +411,55 @@ CASES = [
     Case("pickle weights without opt-in", case_pickle, 1, r"pickle.*model.allow_pickle: true"),
     Case("adapter on the wrong base", case_adapter_base, 1, r"does not fit base model"),
     Case("run directory exists", case_existing_run, 2, r"already exists.*--resume.*--overwrite"),
+    Case("--overwrite on a folder that is not a run", case_overwrite_foreign, 2,
+         r"not a peftlab run directory \(found: photos/, thesis.txt\); refusing to replace"),
+    Case("--overwrite on a run holding a file of the user's", case_overwrite_user_file, 2,
+         r"would delete 1 entry .* that peftlab did not write: notes.txt"),
+    Case("--output . --overwrite from inside the run", case_overwrite_cwd, 2, r"holds the current folder",
+         chdir="out"),
+    Case("--output is a file", case_output_file, 2, r"--output .*out is a file; give a folder path"),
+    Case("--output under a file", case_output_under_file, 2, r"is under .*file, which is a file"),
+    Case("--output on a read-only filesystem", case_read_only, 1, r"ro.*Read-only file system"),
+    Case("run directory held by another run", case_locked, 1, r"being written by another peftlab run: pid \d+ on"),
+    Case("lock left by a dead process", case_stale_lock, 1, r"no longer running .*--resume to take it over"),
+    Case("--overwrite with --resume", case_overwrite_and_resume, 2, r"contradict each other"),
+    Case("--resume on a folder that is not a run", case_resume_not_run, 2,
+         r"not a peftlab run directory \(found: thesis.txt\); refusing to resume"),
+    Case("--resume with a changed config", case_resume_changed, 2, r"training section\(s\) differ"),
+    Case("--methods naming nothing", case_methods_comma, 2, r"names no method"),
+    Case("--methods naming a method not in the config", case_methods_unknown, 2, r"--methods dora: not in this config"),
+    Case("a method that fails (LoRA targets missing)", case_method_fails, 1,
+         r"lora failed: .*No modules were targeted.*1 of 1 method\(s\) failed", writes_run=True),
+    Case("infinite learning rate", case_lr_inf, 2, r"learning_rate: Input should be a finite number"),
+    Case("a learning rate that diverges", case_lr_diverges, 1,
+         r"full failed: .*NaN/inf.*learning_rate 1e\+30 is probably too high", writes_run=True),
+    Case("one class left after cleaning", case_one_class, 1, r"only one class \('positive'\).*at least 2"),
+    Case("max_length above the model's positions", case_max_length, 2,
+         r"max_length 1024 is longer than .* \(128 positions.*at most 128"),
+    Case("unknown method", case_unknown_method, 2, r"lorra"),
+    Case("data file missing", case_data_missing, 1, r"nowhere.csv"),
+    Case("predict: an empty text", case_predict_empty_text, 1, r"text 2 is empty or only whitespace"),
+    Case("predict: a whitespace-only text", case_predict_blank_text, 1, r"text 1 is empty or only whitespace"),
+    Case("predict: a text that is not valid Unicode", case_predict_bad_unicode, 1, r"text 1 is not valid UTF-8"),
+    Case("predict --file with no texts", case_predict_empty_file, 1, r"empty.txt holds no texts"),
+    Case("predict --file not UTF-8", case_predict_file_not_utf8, 1, r"texts.txt is not UTF-8 .*line 1.*iconv"),
+    Case("predict --file missing", case_predict_file_missing, 1, r"texts.txt does not exist"),
+    Case("predict --output exists", case_predict_output_exists, 1, r"pred.jsonl exists; pass --overwrite"),
+    Case("predict --output is a folder", case_predict_output_dir, 1, r"preds is a folder; give a file path"),
+    Case("predict on a run directory", case_predict_run_dir, 1, r"run directory with methods \['lora'\]: add one"),
+    Case("predict on a missing folder", case_predict_missing, 1, r"nothing does not exist"),
+    Case("report: truncated results.json", case_report_truncated, 1, r"damaged or not a peftlab results file"),
+    Case("report: results.json of another schema", case_report_schema, 1, r"damaged or not a peftlab results file"),
+    Case("report: no results.json", case_report_no_results, 1, r"results.json not found"),
+    Case("export without --merge", case_export_no_merge, 2, r"pass --merge"),
+    Case("generate --temperature 0", case_generate_temperature, 2, r"must be > 0"),
 ]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its content (None for folders): what "nothing written" compares."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
+            if not p.is_relative_to(root / "ro")}
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
@@ -206,8 +473,11 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: py
     return code, out.out + out.err
 
 
-def first_line(text: str, tmp: Path) -> str:
-    cleaned = re.sub(r"\s+", " ", text.replace(str(tmp), "<tmp>")).strip()
+def first_line(text: str, tmp: Path, model: Path) -> str:
+    """The error as the doc shows it: machine-specific parts (paths, pids, clock) replaced by placeholders."""
+    cleaned = re.sub(r"\s+", " ", text.replace(str(tmp), "<tmp>").replace(str(model), "<model>")).strip()
+    cleaned = re.sub(r"pid \d+ on \S+, started \S+", "pid <pid> on <host>, started <time>", cleaned)
+    cleaned = re.sub(r"Usage: .*? for help\. Error: ", "", cleaned)  # click's usage banner names the runner
     match = re.search(r"error: (.*)", cleaned)
     return (match.group(1) if match else cleaned)[:300]
 
@@ -218,20 +488,32 @@ RECORDED: dict[str, tuple[int, str]] = {}
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_bad_input(case: Case, tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str],
                    monkeypatch: pytest.MonkeyPatch) -> None:
-    args = case.build(tmp_path, tiny_bert)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    results = tmp_path / "out" / "results.json"
-    kept = results.read_bytes() if results.exists() else None
-    code, output = run_cli(args, capsys, monkeypatch)
+    try:
+        args = case.build(tmp_path, tiny_bert)
+        before = snapshot(tmp_path)
+        results = tmp_path / "out" / "results.json"
+        kept = results.read_bytes() if results.exists() else None
+        if case.chdir:
+            monkeypatch.chdir(tmp_path / case.chdir)
+        capsys.readouterr()  # what building the case printed is not the CLI's output
+        code, output = run_cli(args, capsys, monkeypatch)
+        after = snapshot(tmp_path)
+    finally:
+        while CLEANUPS:
+            CLEANUPS.pop()()
     assert code == case.exit_code, output[-2000:]
     assert re.search(case.expect, re.sub(r"\s+", " ", output), re.S), output[-2000:]
     assert "Traceback" not in output
-    if code:
-        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    if code and case.writes_run:
+        # The failure is in the report, and the run exits 1: never "success" with a failed method.
+        saved = json.loads(results.read_text(encoding="utf-8"))
+        assert [r["status"] for r in saved["runs"]] == ["failed"]
+    elif code:
+        assert after == before  # nothing written, nothing deleted, nothing changed
         if kept is not None:
             assert results.read_bytes() == kept  # nothing overwritten
     flat = re.sub(r"\s+", " ", output.replace(str(tmp_path), "<tmp>").replace("│", " "))
-    RECORDED[case.name] = (code, "error: " + first_line(output, tmp_path) if code else
+    RECORDED[case.name] = (code, "error: " + first_line(output, tmp_path, tiny_bert) if code else
                            "reported in the data report: " + re.search(case.expect, flat).group(0)[:120])
 
 
@@ -241,7 +523,8 @@ def render_doc() -> str:
              "Each case runs the real CLI. For every error case, the tests check three things:",
              "", "- The exit code is 1 (bad input) or 2 (bad usage or config).",
              "- No traceback is printed.",
-             "- Nothing is written and no earlier result is overwritten.",
+             "- Nothing is written, changed or deleted (every file under the test folder is compared, byte for byte),",
+             "  except where a run trains and a method fails: then the run exits 1 and its report records the failure.",
              "", "| case | exit | what the user sees |", "|---|---|---|"]
     for case in CASES:
         code, message = RECORDED.get(case.name, (case.exit_code, "(not run)"))
@@ -255,6 +538,15 @@ def render_doc() -> str:
               "was interrupted while saving. It is ignored and removed.",
               "- **Atomic writes.** Results, reports, saved models and adapters, and prepared models are written "
               "to a temporary path and renamed into place.",
+              "- **Two runs on one run directory.** Two `peftlab run` processes started at the same instant on one "
+              "`--output`: exactly one trains; the other exits 1 naming the holder (host, pid, start time) and "
+              "writes nothing. `--overwrite` while a run trains there is refused the same way "
+              "(`tests/integration/test_reliability.py`). The lock is `.<run>.lock` beside the run directory, "
+              "created in one atomic step; a lock whose process has died is taken over by `--resume` or `--overwrite`.",
+              "- **Run directory deleted mid-run.** The run stops with exit 1 before writing another file "
+              "instead of recreating the folder without its config and data report.",
+              "- **Diverging training.** Non-finite trainable weights or validation loss stop the method as failed, "
+              "naming its learning rate; the run exits 1.",
               "- **Distributed training.** Under `torchrun --nproc_per_node 2` (gloo on CPU), results and "
               "adapters are written once, by the main process. The eval loss matches a single-process run "
               "instead of being doubled.", ""]
