@@ -24,7 +24,7 @@ from typing import Any
 
 from peftlab import fsutil, rundir
 from peftlab.config import ExperimentConfig, dump_config
-from peftlab.errors import ConfigError, FilesystemError, MethodError, RunDirError
+from peftlab.errors import ConfigError, RunDirError
 from peftlab.results import ExperimentResult, RunResult
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
                  data: Any, env: dict[str, Any], resume: bool) -> ExperimentResult:
     from peftlab.models import resolve_dtype
     from peftlab.report import write_report
-    from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits, train_method
+    from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits
+    from peftlab.worker import run_in_child, train_one
 
     base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
                          dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
@@ -131,36 +132,36 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
 
         extra = base_model_baseline(config, base, tokenized, run_dir, resume)
 
+    seeds = getattr(config.training, "run_seeds", None) or [config.training.seed]
+    # In a child process per method unless distributed: under torchrun every rank already is its own process,
+    # and the ranks must train together.
+    isolate = config.training.method_process and int(os.environ.get("WORLD_SIZE", "1")) == 1
     runs: list[RunResult] = []
     for method_config in selected:
         name = method_config.run_name
-        method_dir = run_dir / name
-        done = method_dir / RESULT_FILE
-        if resume and done.is_file():
-            logger.info("%s: finished in an earlier run; kept", name)
-            runs.append(RunResult.from_dict(json.loads(done.read_text(encoding="utf-8"))))
-            continue
-        logger.info("== %s (%s) ==", name, method_config.method)
-        if is_main_process():
-            rundir.check_intact(run_dir)
-        try:
-            result = train_method(config, method_config, data, base, tokenized, method_dir, resume=resume)
-        except FilesystemError:
-            raise  # the run directory itself is gone or unwritable: no later method could be saved either
-        except Exception as exc:  # noqa: BLE001 - one method's failure must not cost the user the others
-            error = str(exc) if isinstance(exc, MethodError) else f"{type(exc).__name__}: {exc}"
-            logger.error("%s failed: %s", name, error)
-            logger.debug("%s failed", name, exc_info=True)
-            result = RunResult(name=name, method=method_config.method, task=config.task, status="failed",
-                               error=error[:2000], learning_rate=method_config.learning_rate)
-        if config.task == "causal-lm" and result.status == "ok":
-            from peftlab.generate import generate_for_report
-
-            result.generations = generate_for_report(config, base, run_dir / result.output_dir)
-        if is_main_process():
-            rundir.check_intact(run_dir)  # never recreate a deleted run directory with half its files
-            fsutil.write_json(done, dataclasses.asdict(result))
-        runs.append(result)
+        for seed in seeds:
+            # The first seed's folder is the method's own (RUN_DIR/lora, what predict and serve use); more seeds
+            # go below it, RUN_DIR/lora/seeds/43.
+            method_dir = run_dir / name if seed == seeds[0] else run_dir / name / "seeds" / str(seed)
+            label = name if len(seeds) == 1 else f"{name} (seed {seed})"
+            done = method_dir / RESULT_FILE
+            if resume and done.is_file():
+                logger.info("%s: finished in an earlier run; kept", label)
+                runs.append(RunResult.from_dict(json.loads(done.read_text(encoding="utf-8"))))
+                continue
+            logger.info("== %s (%s) ==", label, method_config.method)
+            if is_main_process():
+                rundir.check_intact(run_dir)
+            if isolate:
+                result = run_in_child(config, method_config, method_dir, seed, resume)
+            else:
+                result = train_one(config, method_config, data, base, tokenized, method_dir, seed, resume)
+            if result.status == "ok":
+                result.output_dir = str((method_dir / "model").relative_to(run_dir))
+            if is_main_process():
+                rundir.check_intact(run_dir)  # never recreate a deleted run directory with half its files
+                fsutil.write_json(done, dataclasses.asdict(result))
+            runs.append(result)
 
     experiment = ExperimentResult(
         name=config.name or run_dir.name, task=config.task, config=config.model_dump(mode="json"),

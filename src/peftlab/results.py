@@ -52,6 +52,7 @@ class RunResult:
     generations: dict[str, str] = field(default_factory=dict)
     output_dir: str = ""
     resumed: bool = False
+    seed: int | None = None  # training.seed of this run; several per method when training.seeds has several
 
     @property
     def trainable_pct(self) -> float:

@@ -1,0 +1,133 @@
+"""One method (at one seed) trained in a process of its own.
+
+Why a process per method: in one process, a method's peak memory depends on what ran before it (allocator
+caches, fragmentation, modules kept alive), so the comparison's memory column would depend on the order of the
+methods; and a crash (out of memory, a segfault in a kernel) would cost every method after it. In a child
+process each method starts from the same state, its peak RSS is its own, and a dying child costs only itself.
+
+The parent hands the child a JSON spec (the resolved config, the method, the seed, the folder); the child
+prepares the same data and split (deterministic: same config, same seed), trains, and writes its
+:class:`RunResult` to the path in the spec. The parent alone writes ``result.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from peftlab import fsutil
+from peftlab.config import ExperimentConfig, load_config
+from peftlab.errors import FilesystemError, MethodError
+from peftlab.results import RunResult
+
+logger = logging.getLogger(__name__)
+
+SPEC = ".worker-spec.json"
+OUTPUT = ".worker-result.json"
+
+
+def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The config with ``training.seed`` set to ``seed`` (the data split keeps its own ``data.split.seed``)."""
+    return config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+
+
+def train_one(config: ExperimentConfig, method_config: Any, data: Any, base: Any, tokenized: dict[str, Any],
+              method_dir: Path, seed: int, resume: bool) -> RunResult:
+    """Train one method at one seed in this process; any failure becomes a failed :class:`RunResult`."""
+    from peftlab.train import train_method
+
+    name = method_config.run_name
+    try:
+        result = train_method(with_seed(config, seed), method_config, data, base, tokenized, method_dir,
+                              resume=resume)
+        if config.task == "causal-lm":
+            from peftlab.generate import generate_for_report
+
+            result.generations = generate_for_report(config, base, method_dir / "model")
+    except FilesystemError:
+        raise  # the run directory itself is gone or unwritable: no later method could be saved either
+    except Exception as exc:  # noqa: BLE001 - one method's failure must not cost the user the others
+        error = str(exc) if isinstance(exc, MethodError) else f"{type(exc).__name__}: {exc}"
+        logger.error("%s failed: %s", name, error)
+        logger.debug("%s failed", name, exc_info=True)
+        result = RunResult(name=name, method=method_config.method, task=config.task, status="failed",
+                           error=error[:2000], learning_rate=method_config.learning_rate)
+    result.seed = seed
+    return result
+
+
+def run_in_child(config: ExperimentConfig, method_config: Any, method_dir: Path, seed: int,
+                 resume: bool) -> RunResult:
+    """Train one method in a child process and return its result (a failed one if the child died)."""
+    method_dir.mkdir(parents=True, exist_ok=True)
+    spec_path, output = method_dir / SPEC, method_dir / OUTPUT
+    output.unlink(missing_ok=True)
+    fsutil.write_json(spec_path, {"config": config.model_dump(mode="json"), "method": method_config.run_name,
+                                  "seed": seed, "method_dir": str(method_dir), "resume": resume, "output": str(output),
+                                  "log_level": logging.getLogger("peftlab").getEffectiveLevel()})
+    # The child re-imports torch/transformers (~5 s): small next to a method's training, and the price of a
+    # clean process. Its output goes straight to this terminal (progress bars, logs).
+    done = subprocess.run([sys.executable, "-m", "peftlab.worker", str(spec_path)], check=False,
+                          env={**os.environ, "PEFTLAB_WORKER": "1"})
+    spec_path.unlink(missing_ok=True)
+    if output.is_file():
+        data = json.loads(output.read_text(encoding="utf-8"))
+        output.unlink()
+        return RunResult.from_dict(data)
+    how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
+    hint = " (signal 9 is often the out-of-memory killer: lower training.batch_size)" if done.returncode == -9 else ""
+    error = f"the method's process died ({how}){hint}; rerun with --resume to retry it"
+    logger.error("%s failed: %s", method_config.run_name, error)
+    return RunResult(name=method_config.run_name, method=method_config.method, task=config.task, status="failed",
+                     error=error, learning_rate=method_config.learning_rate, seed=seed)
+
+
+def _child_main(spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    logging.basicConfig(level=spec["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("peftlab").setLevel(spec["log_level"])
+    if spec["log_level"] > logging.DEBUG:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()  # as the parent: no table for every new head
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from peftlab.cpu import configure_threads
+    from peftlab.data import prepare_data
+    from peftlab.models import load_tokenizer, resolve_dtype, resolve_model_path
+    from peftlab.train import BaseModelSpec, tokenize_splits
+
+    configure_threads()
+    config = load_config(data=spec["config"])
+    method_config = next(m for m in config.methods if m.run_name == spec["method"])
+    folder = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
+    data_logger = logging.getLogger("peftlab.data")
+    data_logger.setLevel(max(logging.WARNING, spec["log_level"]))  # the parent already reported the data
+    data = prepare_data(config.data, config.task, tokenizer)
+    base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
+                         dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
+                         allow_pickle=config.model.allow_pickle)
+    tokenized = tokenize_splits(data, tokenizer, config.data.max_length, config.task)
+    result = train_one(config, method_config, data, base, tokenized, Path(spec["method_dir"]), spec["seed"],
+                       spec["resume"])
+    fsutil.write_json(Path(spec["output"]), dataclasses.asdict(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from peftlab.errors import PeftlabError
+
+    try:
+        sys.exit(_child_main(Path(sys.argv[1])))
+    except PeftlabError as exc:  # the parent reports the method as failed; the reason goes to the terminal
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
