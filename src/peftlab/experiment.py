@@ -92,11 +92,11 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     Returns:
         The :class:`ExperimentResult` that was written to ``run_dir/results.json``.
     """
+    from peftlab.artifacts import result_file
     from peftlab.cpu import configure_threads
     from peftlab.data import prepare_data
     from peftlab.models import check_model_folder, load_tokenizer, resolve_dtype, resolve_model_path
     from peftlab.report import render_data_report_console, write_report
-    from peftlab.artifacts import result_file
     from peftlab.train import BaseModelSpec, tokenize_splits, train_method
 
     configure_threads()

@@ -1,4 +1,4 @@
-"""Causal LMs: load a saved model or adapter and generate (inference only; the experiment's stages are in causal_stages).
+"""Causal LMs: load a saved model or adapter and generate (inference only; experiment stages: causal_stages).
 
 Generation is greedy unless sampling is asked for, and then seeded, so a
 report's "before / after" texts can be reproduced with ``peftlab generate``.
