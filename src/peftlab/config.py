@@ -110,7 +110,7 @@ class DataConfig(_Strict):
     def _stringify_keys(cls, value: Any) -> Any:
         # YAML reads `-1: 부정` with an int key; raw labels are compared as strings.
         if isinstance(value, dict):
-            return {_label_key(k): str(v) for k, v in value.items()}
+            return {label_key(k): str(v) for k, v in value.items()}
         return value
 
     @model_validator(mode="after")
@@ -124,7 +124,7 @@ class DataConfig(_Strict):
         return self
 
 
-def _label_key(value: Any) -> str:
+def label_key(value: Any) -> str:
     """Canonical string for a raw label: 1, 1.0, '1' and ' 1 ' all become '1'."""
     if isinstance(value, bool):
         return str(value).lower()
@@ -325,7 +325,6 @@ class TrainingConfig(_Strict):
     group_by_length: bool = Field(True, description="Batch texts of similar length together: less padding, faster steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     dataloader_num_workers: int = Field(0, ge=0)
-    logging_steps: int = Field(20, gt=0)
 
 
 class GenerationConfig(_Strict):

@@ -38,6 +38,9 @@ def cgroup_cpu_limit(root: Path = _CGROUP) -> float | None:
 
 def usable_cpus(root: Path = _CGROUP) -> int:
     """Cores this process may run on: its CPU affinity, bounded by the cgroup quota (rounded up)."""
+    # Not joblib.cpu_count() (loky's, the same rule): it reads fixed /sys paths, so it cannot be pointed at a
+    # test's cgroup tree; it raises ValueError on a cpu.max whose fields are not numbers where this returns
+    # the affinity; and joblib is not one of peftlab's declared dependencies (it comes with scikit-learn).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     limit = cgroup_cpu_limit(root)
     if limit is not None:

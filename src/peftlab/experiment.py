@@ -7,7 +7,7 @@ Run directory layout::
       environment.json       library versions, device, seed, threads
       data_report.json
       <method>/model/        FFT model folder, or PEFT adapter (+ head) in the standard format
-      <method>/result.json   that method's RunResult (written last: its presence means "done")
+      <method>/              that method's saved folder and RunResult (the format: peftlab.artifacts)
       results.json results.csv report.md report.html plots/
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 
 from peftlab import fsutil, rundir
 from peftlab.config import ExperimentConfig, dump_config
+from peftlab.dist import is_main_process
 from peftlab.errors import ConfigError, RunDirError
 from peftlab.results import ExperimentResult, RunResult
 
@@ -56,11 +57,6 @@ def environment(config: ExperimentConfig) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "seed": config.training.seed,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (and the only process otherwise): the one that writes."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, resume: bool = False,
@@ -118,7 +114,8 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
                  data: Any, env: dict[str, Any], resume: bool) -> ExperimentResult:
     from peftlab.models import resolve_dtype
     from peftlab.report import write_report
-    from peftlab.train import RESULT_FILE, BaseModelSpec, tokenize_splits
+    from peftlab.artifacts import result_file
+    from peftlab.train import BaseModelSpec, tokenize_splits
     from peftlab.worker import run_in_child, train_one
 
     base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
@@ -128,7 +125,7 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
 
     extra: dict[str, Any] = {}
     if config.task == "causal-lm":
-        from peftlab.generate import base_model_baseline
+        from peftlab.causal_stages import base_model_baseline
 
         extra = base_model_baseline(config, base, tokenized, run_dir, resume)
 
@@ -144,7 +141,7 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
             # go below it, RUN_DIR/lora/seeds/43.
             method_dir = run_dir / name if seed == seeds[0] else run_dir / name / "seeds" / str(seed)
             label = name if len(seeds) == 1 else f"{name} (seed {seed})"
-            done = method_dir / RESULT_FILE
+            done = result_file(method_dir)
             if resume and done.is_file():
                 logger.info("%s: finished in an earlier run; kept", label)
                 runs.append(RunResult.from_dict(json.loads(done.read_text(encoding="utf-8"))))

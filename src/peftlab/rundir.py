@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from peftlab.artifacts import MODEL_DIR, RESULT_FILE
 from peftlab.errors import FilesystemError, PeftlabError, RunDirError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ BASELINE = "base_model.json"  # causal LM: the base model's loss and generations
 TOP_LEVEL = {MARKER, CONFIG, ENVIRONMENT, DATA_REPORT, RESULTS_JSON, RESULTS_CSV, REPORT_MD, REPORT_HTML, PLOTS,
              BASELINE}
 # What a method folder may hold (the saved model, its checkpoints, its measurements and predictions).
-METHOD_ENTRIES = {"model", "checkpoints", "result.json", "test_predictions.jsonl", "seeds"}
+METHOD_ENTRIES = {MODEL_DIR, "checkpoints", RESULT_FILE, "test_predictions.jsonl", "seeds"}
 
 
 class RunLockedError(PeftlabError):

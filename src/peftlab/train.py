@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from peftlab import fsutil
+from peftlab import artifacts
 from peftlab.config import ExperimentConfig, MethodName
 from peftlab.data import PreparedData
+from peftlab.dist import is_main_process
 from peftlab.errors import MethodError
 from peftlab.evaluate import (
     GREATER_IS_BETTER,
@@ -38,12 +39,7 @@ from peftlab.results import EpochRecord, RunResult
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "peftlab.json"
-RESULT_FILE = "result.json"
 CHECKPOINTS = "checkpoints"
-# Files that are the model itself; tokenizer files are the same for every method and not counted.
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
-                "model.safetensors.index.json")
 
 
 @dataclass
@@ -201,65 +197,32 @@ def _finite_guard(learning_rate: float, method: str) -> Any:
     return FiniteGuard()
 
 
-def train_method(config: ExperimentConfig, method_config: Any, data: PreparedData, base: BaseModelSpec,
-                 tokenized: dict[str, Any], method_dir: Path, resume: bool = False) -> RunResult:
-    """Train and evaluate one method; save its model (or adapter) to ``method_dir/model``.
+def training_arguments(config: ExperimentConfig, base: BaseModelSpec, output_dir: Path, learning_rate: float = 0.0,
+                       metric: str = "loss", restore_best: bool = False) -> Any:
+    """The ``TrainingArguments`` of every Trainer peftlab builds, so their losses are measured alike.
 
     Args:
-        config: the whole experiment config (training recipe, task, data limits).
-        method_config: this method's section of ``config.methods``.
-        data: the prepared splits (shared by every method).
-        base: the base model folder and tokenizer.
-        tokenized: the output of :func:`tokenize_splits`.
-        method_dir: this method's folder inside the run directory.
-        resume: continue from the newest checkpoint in ``method_dir`` if one exists.
-
-    Returns:
-        The measured :class:`RunResult`.
+        config: the experiment config (its ``training`` section).
+        base: the base model (its dtype decides bf16 on GPUs).
+        output_dir: where the Trainer writes checkpoints.
+        learning_rate: the method's; 0 for a Trainer that only evaluates (the base model's baseline).
+        metric: the validation metric that picks the best epoch.
+        restore_best: reload the best epoch's checkpoint when training ends.
     """
     import torch
-    from transformers import (
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import TrainingArguments
 
     training = config.training
-    task = config.task
-    classify = task == "classification"
-    name = method_config.run_name
-
-    # -- model + method. Seed first: the new head and adapter weights must start the same on every run.
-    set_seed(training.seed)
-    model = load_base_model(base.folder, task, data.labels if classify else None, dtype=torch.float32,
-                            trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle,
-                            pad_token_id=base.tokenizer.pad_token_id)
-    steps_per_epoch = math.ceil(len(tokenized["train"]) / (training.batch_size * training.gradient_accumulation_steps))
-    total_steps = training.max_steps or max(1, math.ceil(steps_per_epoch * training.epochs))
-    context = MethodContext(task=task, model_type=model.config.model_type, tokenizer_path=str(base.folder),
-                            total_steps=total_steps, tokenizer=base.tokenizer)
-    model = apply_method(model, method_config, context)
-    trainable, total = _count_parameters(model)
-    logger.info("%s: %s trainable of %s parameters (%.3f%%)", name, f"{trainable:,}", f"{total:,}",
-                100 * trainable / total)
-
-    # -- Trainer. Evaluate and checkpoint every epoch so the best epoch can be restored and a killed run resumed.
-    metric = "loss" if not classify else training.metric_for_best_model
-    # AdaLoRA changes its ranks (tensor shapes) during training, so an earlier epoch's checkpoint no longer
-    # fits the model: it keeps its final epoch instead of the best one.
-    restore_best = method_config.method != MethodName.ADALORA.value
     on_gpu = torch.cuda.is_available()
     use_bf16 = on_gpu and base.dtype == torch.bfloat16
-    args = TrainingArguments(
-        output_dir=str(method_dir / CHECKPOINTS),
+    return TrainingArguments(
+        output_dir=str(output_dir),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.eval_batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
-        learning_rate=method_config.learning_rate,
+        learning_rate=learning_rate,
         weight_decay=training.weight_decay,
         # One fused AdamW kernel over the trainable parameters: 5x faster per step than foreach AdamW on CPU here
         # (docs/benchmarks.md, section 5). Frozen weights are never handed to the optimizer (no state for them).
@@ -289,6 +252,59 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         label_names=["labels"],
         disable_tqdm=False,
     )
+
+
+def train_method(config: ExperimentConfig, method_config: Any, data: PreparedData, base: BaseModelSpec,
+                 tokenized: dict[str, Any], method_dir: Path, resume: bool = False) -> RunResult:
+    """Train and evaluate one method; save its model (or adapter) to ``method_dir/model``.
+
+    Args:
+        config: the whole experiment config (training recipe, task, data limits).
+        method_config: this method's section of ``config.methods``.
+        data: the prepared splits (shared by every method).
+        base: the base model folder and tokenizer.
+        tokenized: the output of :func:`tokenize_splits`.
+        method_dir: this method's folder inside the run directory.
+        resume: continue from the newest checkpoint in ``method_dir`` if one exists.
+
+    Returns:
+        The measured :class:`RunResult`.
+    """
+    import torch
+    from transformers import (
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        set_seed,
+    )
+
+    training = config.training
+    task = config.task
+    classify = task == "classification"
+    name = method_config.run_name
+
+    # -- model + method. Seed first: the new head and adapter weights must start the same on every run.
+    set_seed(training.seed)
+    model = load_base_model(base.folder, task, data.labels if classify else None, dtype=torch.float32,
+                            trust_remote_code=base.trust_remote_code, allow_pickle=base.allow_pickle,
+                            pad_token_id=base.tokenizer.pad_token_id)
+    steps_per_epoch = math.ceil(len(tokenized["train"]) / (training.batch_size * training.gradient_accumulation_steps))
+    total_steps = training.max_steps or max(1, math.ceil(steps_per_epoch * training.epochs))
+    context = MethodContext(task=task, model_type=model.config.model_type, tokenizer_path=str(base.folder),
+                            total_steps=total_steps, tokenizer=base.tokenizer)
+    model = apply_method(model, method_config, context)
+    trainable, total = _count_parameters(model)
+    logger.info("%s: %s trainable of %s parameters (%.3f%%)", name, f"{trainable:,}", f"{total:,}",
+                100 * trainable / total)
+
+    # -- Trainer. Evaluate and checkpoint every epoch so the best epoch can be restored and a killed run resumed.
+    metric = "loss" if not classify else training.metric_for_best_model
+    # AdaLoRA changes its ranks (tensor shapes) during training, so an earlier epoch's checkpoint no longer
+    # fits the model: it keeps its final epoch instead of the best one.
+    restore_best = method_config.method != MethodName.ADALORA.value
+    on_gpu = torch.cuda.is_available()
+    args = training_arguments(config, base, method_dir / CHECKPOINTS, learning_rate=method_config.learning_rate,
+                              metric=metric, restore_best=restore_best)
     collator = causal_lm_collator(base.tokenizer) if not classify else DataCollatorWithPadding(base.tokenizer)
     step_timer = _step_timer()
     callbacks: list[Any] = [step_timer, _finite_guard(method_config.learning_rate, name)]
@@ -340,13 +356,10 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     _evaluate_test(trainer, tokenized["test"], data, result, classify)
 
     # -- save what must be kept, atomically, then drop checkpoints (they hold optimizer state: 3x the model).
-    if trainer.is_world_process_zero():
-        model_dir = method_dir / "model"
-        with fsutil.atomic_dir(model_dir) as tmp:
-            trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-            base.tokenizer.save_pretrained(str(tmp))
-            fsutil.write_json(tmp / METADATA_FILE, _metadata(config, method_config, base, data))
-        result.model_size_bytes = sum((model_dir / f).stat().st_size for f in WEIGHT_FILES if (model_dir / f).exists())
+    if is_main_process():
+        model_dir = method_dir / artifacts.MODEL_DIR
+        artifacts.save_folder(model_dir, trainer.model, base.tokenizer, _metadata(config, method_config, base, data))
+        result.model_size_bytes = artifacts.saved_size(model_dir)
         result.output_dir = str(model_dir.relative_to(method_dir.parent))
         shutil.rmtree(method_dir / CHECKPOINTS, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -448,20 +461,10 @@ def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunR
     result.confusion_matrix = confusion(labels, predicted, len(data.labels))
 
 
-def _metadata(config: ExperimentConfig, method_config: Any, base: BaseModelSpec, data: PreparedData) -> dict[str, Any]:
+def _metadata(config: ExperimentConfig, method_config: Any, base: BaseModelSpec,
+              data: PreparedData) -> artifacts.Metadata:
     """What `peftlab predict`/`serve` need to use the saved folder without the experiment config."""
-    import peftlab
-
-    return {
-        "peftlab_version": peftlab.__version__,
-        "task": config.task,
-        "method": method_config.method,
-        "name": method_config.run_name,
-        "labels": data.labels,
-        "base_model": str(base.folder),
-        "base_model_name": base.name,
-        "max_length": config.data.max_length,
-        "clean": config.data.clean,
-        "trust_remote_code": base.trust_remote_code,
-        "is_adapter": method_config.method != MethodName.FULL.value,
-    }
+    return artifacts.new_metadata(task=config.task, method=method_config.method, name=method_config.run_name,
+                                  labels=data.labels, base_model=base.folder, base_model_name=base.name,
+                                  max_length=config.data.max_length, clean=config.data.clean,
+                                  trust_remote_code=base.trust_remote_code)

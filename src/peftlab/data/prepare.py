@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from peftlab.config import DataConfig, _label_key
+from peftlab.config import DataConfig, label_key
 from peftlab.data.loading import (
-    _MISSING,
+    MISSING,
     RawTable,
     dataset_dict_splits,
     detect_format,
@@ -278,7 +278,7 @@ def _extract(table: RawTable, config: DataConfig, classify: bool, dropped: Count
                 continue
             label, reason = _map_label(raw, config)
             if label is None:
-                outside[_label_key(raw)] += 1
+                outside[label_key(raw)] += 1
                 drop(reason, index)
                 continue
         rows.append((cleaned, label))
@@ -305,7 +305,7 @@ def _text_of(record: dict[str, Any], config: DataConfig) -> str | None:
 
 
 def _is_missing(value: Any) -> bool:
-    if value is None or value is _MISSING:
+    if value is None or value is MISSING:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
@@ -313,7 +313,7 @@ def _is_missing(value: Any) -> bool:
 
 
 def _map_label(raw: Any, config: DataConfig) -> tuple[str | None, str]:
-    key = _label_key(raw)
+    key = label_key(raw)
     if config.label_map is not None:
         return config.label_map.get(key), LABEL_NOT_IN_MAP
     if config.label_bins is not None:

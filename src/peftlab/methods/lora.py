@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def _targets(method_config: Any) -> Any:
-    # None lets peft pick per architecture (query/value for BERT/XLM-R, q_proj/v_proj for Llama).
-    return method_config.target_modules
+# target_modules None lets peft pick per architecture (query/value for BERT/XLM-R, q_proj/v_proj for Llama).
 
 
 def build_lora(method_config: Any, context: Any) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(task_type=context.task_type, r=method_config.r, lora_alpha=method_config.alpha,
-                      lora_dropout=method_config.dropout, target_modules=_targets(method_config),
+                      lora_dropout=method_config.dropout, target_modules=method_config.target_modules,
                       use_rslora=method_config.use_rslora)
 
 
@@ -22,14 +20,14 @@ def build_dora(method_config: Any, context: Any) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(task_type=context.task_type, r=method_config.r, lora_alpha=method_config.alpha,
-                      lora_dropout=method_config.dropout, target_modules=_targets(method_config), use_dora=True)
+                      lora_dropout=method_config.dropout, target_modules=method_config.target_modules, use_dora=True)
 
 
 def build_loha(method_config: Any, context: Any) -> Any:
     from peft import LoHaConfig
 
     return LoHaConfig(task_type=context.task_type, r=method_config.r, alpha=method_config.alpha,
-                      module_dropout=method_config.dropout, target_modules=_targets(method_config))
+                      module_dropout=method_config.dropout, target_modules=method_config.target_modules)
 
 
 def build_adalora(method_config: Any, context: Any) -> Any:
@@ -43,5 +41,5 @@ def build_adalora(method_config: Any, context: Any) -> Any:
         tinit, tfinal = 0, 0
     return AdaLoraConfig(task_type=context.task_type, init_r=method_config.init_r, target_r=method_config.r,
                          lora_alpha=method_config.alpha, lora_dropout=method_config.dropout,
-                         target_modules=_targets(method_config), total_step=total, tinit=tinit, tfinal=tfinal,
+                         target_modules=method_config.target_modules, total_step=total, tinit=tinit, tfinal=tfinal,
                          deltaT=max(1, (total - tinit - tfinal) // 10))

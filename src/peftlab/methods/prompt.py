@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftlab.errors import MethodError
-
 
 def num_virtual_tokens(method_config: Any, context: Any) -> int:
     """The configured count, else the init text's token count (TEXT init) or 20."""
@@ -42,8 +40,6 @@ def build_prefix_tuning(method_config: Any, context: Any) -> Any:
 def build_p_tuning(method_config: Any, context: Any) -> Any:
     from peft import PromptEncoderConfig
 
-    if method_config.encoder_type not in ("MLP", "LSTM"):
-        raise MethodError(f"p_tuning encoder_type must be MLP or LSTM, got {method_config.encoder_type!r}")
     return PromptEncoderConfig(task_type=context.task_type, num_virtual_tokens=method_config.num_virtual_tokens,
                                encoder_hidden_size=method_config.encoder_hidden_size,
                                encoder_reparameterization_type=method_config.encoder_type)

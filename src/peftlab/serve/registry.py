@@ -15,7 +15,6 @@ ignores it -- every row would get the active adapter's result.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import re
@@ -27,6 +26,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from peftlab import artifacts
 from peftlab.errors import AdapterError, PeftlabError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 # Heads peft puts in modules_to_save for sequence classification: each adapter brings its own copy,
 # so the skeleton's head may start as zeros when its class count differs from the loaded base's.
 CLASSIFIER_HEADS = ("classifier", "score")
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
 
 
 class InvalidAdapterNameError(AdapterError):
@@ -114,8 +113,6 @@ def discover_adapters(adapters_dir: Path) -> list[AdapterEntry]:
     Raises:
         AdapterError: ``adapters_dir`` is not a folder.
     """
-    from peftlab.predict import find_model_dir, read_metadata
-
     if not adapters_dir.is_dir():
         raise AdapterError(f"--adapters {adapters_dir} is not a folder; give a folder whose subfolders are adapters "
                            f"(e.g. a run directory with lora/, ia3/, ...)")
@@ -129,12 +126,12 @@ def discover_adapters(adapters_dir: Path) -> list[AdapterEntry]:
             logger.warning("%s: folder name is not a plain adapter name; skipped", child)
             continue
         try:
-            folder = find_model_dir(child)
+            folder = artifacts.find_model_dir(child)
         except AdapterError:
             logger.debug("%s holds no model or adapter; skipped", child)
             continue
         try:
-            meta = read_metadata(folder)
+            meta = artifacts.read_metadata(folder)
         except (OSError, ValueError) as exc:
             entries.append(_broken_entry(child.name, folder, f"cannot read its metadata: {exc}"))
             continue
@@ -148,18 +145,19 @@ def discover_adapters(adapters_dir: Path) -> list[AdapterEntry]:
 
 def _entry(name: str, folder: Path, meta: dict[str, Any]) -> AdapterEntry:
     try:
-        adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        adapter_config = artifacts.adapter_config(folder)
     except (OSError, ValueError) as exc:
-        return _broken_entry(name, folder, f"adapter_config.json unreadable: {exc}", meta)
+        return _broken_entry(name, folder, f"{artifacts.ADAPTER_CONFIG_FILE} unreadable: {exc}", meta)
     task = meta.get("task", "classification")
     entry = AdapterEntry(
         name=name, folder=folder, method=str(meta.get("method") or adapter_config.get("peft_type", "")).lower(),
         task=task, labels=[str(x) for x in meta.get("labels") or []], max_length=int(meta.get("max_length", 512)),
-        clean=str(meta.get("clean", "none")), size_bytes=_weights_size(folder),
+        clean=str(meta.get("clean", "none")), size_bytes=artifacts.saved_size(folder),
         peft_type=str(adapter_config.get("peft_type", "")).upper(), use_dora=bool(adapter_config.get("use_dora")),
         base_model=meta.get("base_model"))
     if task == "classification" and not entry.labels:
-        entry.error = "no class names recorded (peftlab.json missing or without labels); it was not saved by peftlab"
+        entry.error = (f"no class names recorded ({artifacts.METADATA_FILE} missing or without labels); it was not "
+                       f"saved by peftlab")
         entry.broken = True
     return entry
 
@@ -168,12 +166,7 @@ def _broken_entry(name: str, folder: Path, error: str, meta: dict[str, Any] | No
     meta = meta or {}
     return AdapterEntry(name=name, folder=folder, method=str(meta.get("method", "unknown")),
                         task=str(meta.get("task", "unknown")), labels=list(meta.get("labels") or []), max_length=512,
-                        clean="none", size_bytes=_weights_size(folder), peft_type="", error=error, broken=True)
-
-
-def _weights_size(folder: Path) -> int:
-    # Tokenizer files are the base's and shared; only the adapter's own files count.
-    return sum((folder / f).stat().st_size for f in ADAPTER_WEIGHT_FILES if (folder / f).is_file())
+                        clean="none", size_bytes=artifacts.saved_size(folder), peft_type="", error=error, broken=True)
 
 
 @dataclass
@@ -212,7 +205,8 @@ class AdapterRegistry:
         for entry in discover_adapters(adapters_dir):
             self._register(entry)
         if not self.entries:
-            raise AdapterError(f"no adapters under {adapters_dir}: expected subfolders with adapter_config.json "
+            raise AdapterError(f"no adapters under {adapters_dir}: expected subfolders with "
+                               f"{artifacts.ADAPTER_CONFIG_FILE} "
                                f"(or <method>/model/ of a run); full models (FFT) are not served as adapters")
         self.state = "starting"  # starting -> ready | failed
         self.error: str | None = None
@@ -284,7 +278,7 @@ class AdapterRegistry:
         self._dtype = resolve_dtype(self._dtype_name)
         # The base's tokenizer; a bare weights folder falls back to the one saved with an adapter.
         with_tokenizer = [folder] + [e.folder for e in self.entries.values()]
-        self._tokenizer = load_tokenizer(next((f for f in with_tokenizer if (f / "tokenizer_config.json").is_file()),
+        self._tokenizer = load_tokenizer(next((f for f in with_tokenizer if artifacts.has_tokenizer(f)),
                                               folder))
         # One class is loaded; skeletons of the other task share its weights by name (heads aside).
         task = "classification" if any(e.task == "classification" for e in self.entries.values()) else "causal-lm"
