@@ -357,6 +357,7 @@ def _test_quality_plot(stats: ExperimentStats, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    first_with_seeds = next((m.name for m in stats.methods if len(m.seeds) > 1), None)
     for ax, metric, title in zip(axes, ("f1_macro", "accuracy"), ("macro F1", "accuracy")):
         for index, method in enumerate(stats.methods):
             interval = method.metrics[metric]
@@ -365,11 +366,11 @@ def _test_quality_plot(stats: ExperimentStats, path: Path) -> Path:
                         fmt="o", capsize=5, markersize=7, color=f"C{index % 10}")
             if len(method.seeds) > 1:
                 ax.scatter([index + 0.15] * len(method.seeds), method.per_seed[metric], s=12, color="grey",
-                           zorder=3, label="one seed" if index == 0 else None)
+                           zorder=3, label="one seed" if method.name == first_with_seeds else None)
         ax.set_xticks(range(len(stats.methods)), [m.name for m in stats.methods], rotation=30, fontsize=8)
         ax.set_ylabel(f"test {title}")
         ax.set_title(f"Test {title}, {_level(stats)} bootstrap CI ({stats.test_rows} rows)")
-        if any(len(m.seeds) > 1 for m in stats.methods):
+        if first_with_seeds is not None:
             ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -111,7 +111,7 @@ class ExperimentResult:
 
 
 @dataclass
-class TestPredictions:
+class SavedPredictions:
     """One method's predictions on the test split, row ``i`` being test row ``i``.
 
     Attributes:
@@ -130,7 +130,7 @@ class TestPredictions:
         return len(self.true)
 
 
-def save_predictions(path: Path, predictions: TestPredictions) -> None:
+def save_predictions(path: Path, predictions: SavedPredictions) -> None:
     """Write ``predictions`` as JSON lines, atomically (a crash never leaves half a file)."""
     names = predictions.labels
     lines = []
@@ -142,7 +142,7 @@ def save_predictions(path: Path, predictions: TestPredictions) -> None:
     fsutil.write_text(path, "\n".join(lines) + "\n")
 
 
-def load_predictions(path: Path) -> TestPredictions:
+def load_predictions(path: Path) -> SavedPredictions:
     """Read a file written by :func:`save_predictions`.
 
     Raises:
@@ -171,4 +171,4 @@ def load_predictions(path: Path) -> TestPredictions:
         probabilities = np.array([[r["probabilities"][n] for n in labels] for r in rows], dtype=np.float64)
     except KeyError as exc:
         raise RunDirError(f"{path}: label {exc.args[0]!r} is not one of the classes {labels}; rerun the method") from None
-    return TestPredictions(labels=labels, true=true, predicted=predicted, probabilities=probabilities)
+    return SavedPredictions(labels=labels, true=true, predicted=predicted, probabilities=probabilities)

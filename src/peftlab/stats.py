@@ -35,7 +35,7 @@ import numpy as np
 
 from peftlab.config import ReportConfig
 from peftlab.errors import RunDirError
-from peftlab.results import ExperimentResult, TestPredictions, load_predictions
+from peftlab.results import ExperimentResult, SavedPredictions, load_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _scores(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[s
     return {"f1_macro": f1.mean(axis=1), "accuracy": correct.mean(axis=1)}
 
 
-def point_metrics(predictions: TestPredictions) -> dict[str, float]:
+def point_metrics(predictions: SavedPredictions) -> dict[str, float]:
     """Macro F1 and accuracy on the whole test split."""
     scores = _scores(predictions.true[None, :], predictions.predicted[None, :], len(predictions.labels))
     return {metric: float(values[0]) for metric, values in scores.items()}
@@ -157,7 +157,7 @@ def resample_blocks(rows: int, samples: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, rows, size=(min(_BLOCK, samples - start), rows))
 
 
-def resampled_metrics(runs: Sequence[Sequence[TestPredictions]], samples: int, seed: int) -> list[dict[str, np.ndarray]]:
+def resampled_metrics(runs: Sequence[Sequence[SavedPredictions]], samples: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Each method's metrics on the same bootstrap resamples of the test rows.
 
     Args:
@@ -187,14 +187,14 @@ def percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, f
     return float(low), float(high)
 
 
-def bootstrap_interval(predictions: TestPredictions, metric: str, samples: int = 1000, confidence: float = 0.95,
+def bootstrap_interval(predictions: SavedPredictions, metric: str, samples: int = 1000, confidence: float = 0.95,
                        seed: int = 0) -> Interval:
     """Percentile bootstrap interval of ``metric`` (``f1_macro`` or ``accuracy``) of one run."""
     values = resampled_metrics([[predictions]], samples, seed)[0][metric]
     return Interval(point_metrics(predictions)[metric], *percentile_interval(values, confidence))
 
 
-def paired_comparison(method: Sequence[TestPredictions], reference: Sequence[TestPredictions], reference_name: str,
+def paired_comparison(method: Sequence[SavedPredictions], reference: Sequence[SavedPredictions], reference_name: str,
                       metric: str, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Comparison:
     """Paired bootstrap of ``metric(method) - metric(reference)`` on the same resampled test rows."""
     _check_same_rows([*method, *reference])
@@ -218,11 +218,11 @@ def verdict(low: float, high: float) -> str:
     return NO_DIFFERENCE
 
 
-def _seed_mean(seeds: Sequence[TestPredictions], metric: str) -> float:
+def _seed_mean(seeds: Sequence[SavedPredictions], metric: str) -> float:
     return float(np.mean([point_metrics(p)[metric] for p in seeds]))
 
 
-def _check_same_rows(predictions: Sequence[TestPredictions]) -> None:
+def _check_same_rows(predictions: Sequence[SavedPredictions]) -> None:
     first = predictions[0]
     for other in predictions[1:]:
         if other.labels != first.labels or not np.array_equal(other.true, first.true):
@@ -234,7 +234,7 @@ def _check_same_rows(predictions: Sequence[TestPredictions]) -> None:
 # --------------------------------------------------------------------------- experiment
 
 
-def experiment_statistics(runs: Sequence[tuple[str, int | None, TestPredictions]], reference: str | None,
+def experiment_statistics(runs: Sequence[tuple[str, int | None, SavedPredictions]], reference: str | None,
                           samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> ExperimentStats:
     """Intervals, seed spread and verdicts of every method against ``reference``.
 
@@ -251,7 +251,7 @@ def experiment_statistics(runs: Sequence[tuple[str, int | None, TestPredictions]
     Raises:
         RunDirError: when the predictions are not all on the same test rows.
     """
-    groups: dict[str, list[tuple[int | None, TestPredictions]]] = {}
+    groups: dict[str, list[tuple[int | None, SavedPredictions]]] = {}
     for name, run_seed, predictions in runs:
         groups.setdefault(name, []).append((run_seed, predictions))
     notes: list[str] = []
@@ -283,7 +283,7 @@ def experiment_statistics(runs: Sequence[tuple[str, int | None, TestPredictions]
     return ExperimentStats(reference, confidence, samples, seed, len(everything[0]), methods, notes)
 
 
-def _never_predicted(seeds: Sequence[TestPredictions]) -> dict[str, int]:
+def _never_predicted(seeds: Sequence[SavedPredictions]) -> dict[str, int]:
     """Class -> number of seeds whose predictions never name it (classes every seed predicts are left out)."""
     labels = seeds[0].labels
     missing: dict[str, int] = {}

@@ -35,7 +35,7 @@ from peftlab.evaluate import (
 )
 from peftlab.methods import MethodContext, apply_method
 from peftlab.models import load_base_model, resolve_dtype
-from peftlab.results import PREDICTIONS_FILE, EpochRecord, RunResult, TestPredictions, save_predictions
+from peftlab.results import PREDICTIONS_FILE, EpochRecord, RunResult, SavedPredictions, save_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -463,7 +463,7 @@ def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunR
     result.confusion_matrix = confusion(labels, predicted, len(data.labels))
     if trainer.is_world_process_zero():
         path = method_dir / PREDICTIONS_FILE
-        save_predictions(path, TestPredictions(labels=list(data.labels), true=labels, predicted=predicted,
+        save_predictions(path, SavedPredictions(labels=list(data.labels), true=labels, predicted=predicted,
                                                probabilities=softmax(logits)))
         result.predictions_file = str(path.relative_to(method_dir.parent))
 
