@@ -503,9 +503,12 @@ def _data_lines(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path) -> str:
     columns, rows = _comparison(experiment)
+    seeds = sorted({r.seed for r in experiment.runs if r.seed is not None})
+    seed_text = (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+                 else f"seed {experiment.environment.get('seed')}")
     parts = [f"# peftlab report: {experiment.name}", "",
              f"Task: {experiment.task}; model: `{experiment.config['model']['path']}`; "
-             f"device: {experiment.environment.get('device', '?')}; seed {experiment.environment.get('seed')}.", "",
+             f"device: {experiment.environment.get('device', '?')}; {seed_text}.", "",
              "## Summary", ""]
     parts += [f"- {s}" for s in summary_sentences(experiment)]
     parts += ["", "## Results (test split)", "", _markdown_table(rows, columns), "",
@@ -603,7 +606,8 @@ def write_report(experiment: ExperimentResult, run_dir: Path) -> dict[str, Path]
         RunDirError: a saved predictions file is missing or damaged.
     """
     stats = run_statistics(experiment, run_dir)
-    experiment.statistics = stats.to_dict() if stats is not None else {}
+    # Without any saved predictions (causal LM, runs from before they were saved) the summary says so per method.
+    experiment.statistics = stats.to_dict() if stats is not None and stats.methods else {}
     plots = make_plots(experiment, run_dir / PLOTS)
     fsutil.write_json(run_dir / "results.json", experiment.to_dict())
     rows = results_rows(experiment)

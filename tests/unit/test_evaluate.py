@@ -56,7 +56,8 @@ def test_saved_test_predictions_are_in_the_test_splits_row_order(tmp_path: Path,
 
     # The order trainer.predict would have used (transformers' LengthGroupedSampler with the data seed) is not
     # the split's, so this test fails if predictions are saved in the sampler's order.
-    lengths = [len(ids) for ids in load_predictor(tmp_path / "run" / "full").tokenizer(data.test.texts, truncation=True, max_length=32)["input_ids"]]
+    tokenizer = load_predictor(tmp_path / "run" / "full").tokenizer
+    lengths = [len(ids) for ids in tokenizer(data.test.texts, truncation=True, max_length=32)["input_ids"]]
     sampler_order = get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(42))
     assert sampler_order != list(range(len(data.test)))
 
