@@ -209,6 +209,10 @@ def _classification_summary(experiment: ExperimentResult, runs: list[RunResult])
         sentence = _never_predicted_sentence(name, group, by_name[name])
         if sentence:
             sentences.append(sentence)
+    weights = (experiment.config.get("training") or {}).get("class_weights", "none")
+    if weights != "none":  # the Trainer's loss is the weighted one, in evaluation too
+        sentences.append(f"Training, validation and test losses are class-weighted cross-entropy "
+                         f"(training.class_weights: {weights}); accuracy and F1 are not weighted.")
     if stats is not None:
         sentences += stats.notes
     return sentences

@@ -186,10 +186,13 @@ def test_report_command_recomputes_the_verdict_from_the_saved_predictions(tmp_pa
 def test_reference_is_configurable(tmp_path: Path) -> None:
     experiment = saved_experiment([saved_run(tmp_path, "full", "full", predicted_with(10, seed=0)),
                                    saved_run(tmp_path, "lora", "lora", predicted_with(60, seed=1))],
-                                  report={"reference": "lora", "bootstrap_samples": 200})
+                                  report={"reference": "lora", "bootstrap_samples": 200},
+                                  training={"class_weights": "balanced"})
     write_report(experiment, tmp_path)
     assert experiment.statistics["reference"] == "lora" and experiment.statistics["bootstrap_samples"] == 200
-    assert any(s.startswith("full: better than lora in macro F1") for s in summary_sentences(experiment))
+    sentences = summary_sentences(experiment)
+    assert any(s.startswith("full: better than lora in macro F1") for s in sentences)
+    assert "losses are class-weighted cross-entropy (training.class_weights: balanced)" in " ".join(sentences)
 
 
 def test_several_seeds_show_mean_std_and_per_seed_rows(tmp_path: Path) -> None:
