@@ -325,6 +325,54 @@ class TrainingConfig(_Strict):
     group_by_length: bool = Field(True, description="Batch texts of similar length together: less padding, faster steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     dataloader_num_workers: int = Field(0, ge=0)
+    seeds: list[int] | None = Field(
+        None, description="Train every method once per seed and report mean ± std and per-seed rows; "
+                          "default: [training.seed]. The data split keeps data.split.seed, so every seed sees the same test rows."
+    )
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="Weighted cross-entropy for imbalanced classes: none; balanced (n_rows / (n_classes * "
+                            "class_rows) on the train split, as scikit-learn defines it); or {class name: weight}, "
+                            "unnamed classes weigh 1. Classification only."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("training.seeds is empty: give at least one seed, e.g. [42, 43, 44], or remove the key "
+                             "to use training.seed")
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:
+            raise ValueError(f"training.seeds repeats {repeated}: a repeated seed trains the same run twice and "
+                             f"shrinks the spread; list each seed once")
+        return value
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _stringify_weight_keys(cls, value: Any) -> Any:
+        # YAML reads `{1: 2.0}` with an int key; class names are strings.
+        if isinstance(value, dict):
+            return {label_key(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("training.class_weights is an empty mapping: name classes, e.g. {neutral: 2.0}, "
+                                 "or use none / balanced")
+            bad = {k: w for k, w in value.items() if not (math.isfinite(w) and w > 0)}
+            if bad:
+                raise ValueError(f"training.class_weights must be positive finite numbers; got {bad}")
+        return value
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seeds each method is trained with: ``seeds``, or ``[seed]`` when not given."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
 
 
 class GenerationConfig(_Strict):
@@ -336,6 +384,19 @@ class GenerationConfig(_Strict):
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
+
+
+class ReportConfig(_Strict):
+    """How the report judges differences: bootstrap intervals on the test split, each method against a reference."""
+
+    reference: str | None = Field(
+        None, description="Run name every other method is compared against; default: the full fine-tuning run if "
+                          "there is one, else the first method."
+    )
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000,
+                                   description="Resamples of the test rows per interval (cost: linear, ~ms per 1,000 rows).")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the percentile bootstrap intervals.")
+    seed: int = Field(0, description="Seed of the resampling: the same seed gives the same intervals.")
 
 
 class OutputConfig(_Strict):
@@ -352,6 +413,7 @@ class ExperimentConfig(_Strict):
     methods: list[MethodConfig] = Field(min_length=1)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("methods", mode="before")
@@ -379,6 +441,17 @@ class ExperimentConfig(_Strict):
         bad = [n for n in names if not n.replace("_", "").replace("-", "").isalnum()]
         if bad:
             raise ValueError(f"method names {bad} must be letters, digits, '-' and '_' only (they become folder names)")
+        return self
+
+    @model_validator(mode="after")
+    def _statistics_settings(self) -> "ExperimentConfig":
+        names = [m.run_name for m in self.methods]
+        if self.report.reference is not None and self.report.reference not in names:
+            raise ValueError(f"report.reference {self.report.reference!r} is not a method of this config; "
+                             f"choose one of {', '.join(names)}")
+        if self.task != "classification" and self.training.class_weights != "none":
+            raise ValueError("training.class_weights applies to classification only; remove it for task "
+                             f"{self.task}")
         return self
 
     def method(self, run_name: str) -> Any:

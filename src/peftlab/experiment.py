@@ -78,6 +78,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     from peftlab.data import prepare_data
     from peftlab.models import check_max_length, check_model_folder, load_tokenizer, resolve_model_path
     from peftlab.report import render_data_report_console
+    from peftlab.train import class_weights
 
     configure_threads()
     selected = _select(config, methods)
@@ -94,6 +95,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     check_max_length(model_config, config.data.max_length, folder)
     tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
     data = prepare_data(config.data, config.task, tokenizer)
+    class_weights(config, data)  # a misspelt class in training.class_weights fails here, before any write
 
     env = environment(config)
     main = is_main_process()
@@ -114,7 +116,8 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
                  data: Any, env: dict[str, Any], resume: bool) -> ExperimentResult:
     from peftlab.models import resolve_dtype
     from peftlab.report import write_report
-    from peftlab.artifacts import result_file
+    from peftlab.artifacts import MODEL_DIR, result_file
+    from peftlab.results import PREDICTIONS_FILE
     from peftlab.train import BaseModelSpec, tokenize_splits
     from peftlab.worker import run_in_child, train_one
 
@@ -129,7 +132,7 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
 
         extra = base_model_baseline(config, base, tokenized, run_dir, resume)
 
-    seeds = getattr(config.training, "run_seeds", None) or [config.training.seed]
+    seeds = config.training.run_seeds
     # In a child process per method unless distributed: under torchrun every rank already is its own process,
     # and the ranks must train together.
     isolate = config.training.method_process and int(os.environ.get("WORLD_SIZE", "1")) == 1
@@ -153,8 +156,10 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
                 result = run_in_child(config, method_config, method_dir, seed, resume)
             else:
                 result = train_one(config, method_config, data, base, tokenized, method_dir, seed, resume)
-            if result.status == "ok":
-                result.output_dir = str((method_dir / "model").relative_to(run_dir))
+            if result.status == "ok":  # paths relative to the run directory, wherever the seed's folder is
+                result.output_dir = str((method_dir / MODEL_DIR).relative_to(run_dir))
+                if result.predictions_file:
+                    result.predictions_file = str((method_dir / PREDICTIONS_FILE).relative_to(run_dir))
             if is_main_process():
                 rundir.check_intact(run_dir)  # never recreate a deleted run directory with half its files
                 fsutil.write_json(done, dataclasses.asdict(result))

@@ -20,6 +20,7 @@ from typing import Any
 from peftlab import fsutil
 from peftlab.evaluate import perplexity
 from peftlab.results import ExperimentResult, RunResult
+from peftlab.stats import NO_DIFFERENCE, ExperimentStats, Interval, MethodStats, reference_name, run_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,42 @@ def _ok(runs: list[RunResult]) -> list[RunResult]:
     return [r for r in runs if r.status == "ok"]
 
 
+def _statistics(experiment: ExperimentResult) -> ExperimentStats | None:
+    """The intervals and verdicts :func:`write_report` computed (None before it ran, or for causal LM)."""
+    return ExperimentStats.from_dict(experiment.statistics) if experiment.statistics else None
+
+
+def _groups(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    """Runs by name, in first-seen order: one entry per method, several runs when it was trained with several seeds."""
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(run.name, []).append(run)
+    return groups
+
+
+def _several_seeds(experiment: ExperimentResult) -> bool:
+    return any(len(runs) > 1 for runs in _groups(experiment.runs).values())
+
+
+def _level(stats: ExperimentStats) -> str:
+    return f"{100 * stats.confidence:g}%"
+
+
+def _interval_text(interval: Interval, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{interval.low:{sign}.4f} to {interval.high:{sign}.4f}"
+
+
 def results_rows(experiment: ExperimentResult) -> list[dict[str, Any]]:
-    """One flat row per method: the comparison table users assemble by hand."""
+    """One flat row per run (per method and seed): the comparison table users assemble by hand.
+
+    Intervals and verdicts are per method (over its seeds), repeated on each of its rows.
+    """
+    stats = _statistics(experiment)
     rows = []
     for run in experiment.runs:
         row: dict[str, Any] = {
-            "method": run.name, "type": run.method, "status": run.status,
+            "method": run.name, "type": run.method, "status": run.status, "seed": run.seed,
             "learning_rate": run.learning_rate,
             "trainable_params": run.trainable_params, "total_params": run.total_params,
             "trainable_pct": round(run.trainable_pct, 4),
@@ -88,6 +119,16 @@ def results_rows(experiment: ExperimentResult) -> list[dict[str, Any]]:
         }
         for key, value in run.test_metrics.items():
             row[f"test_{key}"] = round(value, 6)
+        method_stats = stats.method(run.name) if stats and run.status == "ok" else None
+        if method_stats is not None:
+            for metric, interval in method_stats.metrics.items():
+                row[f"test_{metric}_ci_low"] = round(interval.low, 6)
+                row[f"test_{metric}_ci_high"] = round(interval.high, 6)
+            for metric, comparison in method_stats.comparisons.items():
+                row[f"{metric}_minus_{comparison.reference}"] = round(comparison.difference.estimate, 6)
+                row[f"{metric}_minus_{comparison.reference}_ci_low"] = round(comparison.difference.low, 6)
+                row[f"{metric}_minus_{comparison.reference}_ci_high"] = round(comparison.difference.high, 6)
+                row[f"{metric}_verdict"] = f"{comparison.verdict} {comparison.reference}"
         if run.error:
             row["error"] = run.error
         rows.append(row)
@@ -95,40 +136,135 @@ def results_rows(experiment: ExperimentResult) -> list[dict[str, Any]]:
 
 
 def summary_sentences(experiment: ExperimentResult) -> list[str]:
-    """Data-driven comparisons of each PEFT method against full fine-tuning (or the best run)."""
+    """Data-driven comparisons of each method against the reference (full fine-tuning by default)."""
     runs = _ok(experiment.runs)
     if not runs:
         return ["No method finished; see the errors in the table."]
-    classify = experiment.task == "classification"
-    key = "f1_macro" if classify else "loss"
+    if experiment.task == "classification":
+        return _classification_summary(experiment, runs)
+    best = min(runs, key=lambda r: r.test_metrics.get("loss", float("inf")))
+    sentences = [f"Lowest test loss: {best.name} ({best.test_metrics.get('loss', 0):.4f}, "
+                 f"perplexity {best.test_metrics.get('perplexity', float('nan')):.2f})."]
+    if experiment.base_eval_loss is not None:
+        sentences.append(f"The base model's test loss before training was {experiment.base_eval_loss:.4f}.")
     reference = next((r for r in runs if r.method == "full"), None)
-    sentences = []
-    if classify:
-        best = max(runs, key=lambda r: r.test_metrics.get(key, -1))
-        sentences.append(f"Best test macro F1: {best.name} ({best.test_metrics.get(key, 0):.4f}).")
-    else:
-        best = min(runs, key=lambda r: r.test_metrics.get(key, float("inf")))
-        sentences.append(f"Lowest test loss: {best.name} ({best.test_metrics.get(key, 0):.4f}, "
-                         f"perplexity {best.test_metrics.get('perplexity', float('nan')):.2f}).")
-        if experiment.base_eval_loss is not None:
-            sentences.append(f"The base model's test loss before training was {experiment.base_eval_loss:.4f}.")
     if reference is None:
         return sentences
     for run in runs:
         if run is reference:
             continue
-        params = run.trainable_params / max(1, reference.trainable_params)
-        disk = run.model_size_bytes / max(1, reference.model_size_bytes)
-        time_ratio = run.wall_time_s / max(1e-9, reference.wall_time_s)
-        if classify:
-            quality = 100 * run.test_metrics.get(key, 0) / max(1e-9, reference.test_metrics.get(key, 0))
-            head = f"{run.name} reaches {quality:.1f}% of {reference.name}'s macro F1"
-        else:
-            delta = run.test_metrics.get("loss", 0) - reference.test_metrics.get("loss", 0)
-            head = f"{run.name}'s test loss is {delta:+.4f} against {reference.name}'s"
-        sentences.append(f"{head} with {100 * params:.2g}% of the trainable parameters and {_ratio(disk)} of the "
-                         f"disk size, in {_ratio(time_ratio)} the training time.")
+        delta = run.test_metrics.get("loss", 0) - reference.test_metrics.get("loss", 0)
+        sentences.append(f"{run.name}'s test loss is {delta:+.4f} against {reference.name}'s {_cost_clause(run, reference)}.")
     return sentences
+
+
+def _cost_clause(run: RunResult, reference: RunResult) -> str:
+    params = run.trainable_params / max(1, reference.trainable_params)
+    disk = run.model_size_bytes / max(1, reference.model_size_bytes)
+    time_ratio = run.wall_time_s / max(1e-9, reference.wall_time_s)
+    return (f"with {100 * params:.2g}% of the trainable parameters and {_ratio(disk)} of the disk size, in "
+            f"{_ratio(time_ratio)} the training time")
+
+
+def _mean_metric(runs: list[RunResult], stats: MethodStats | None, metric: str) -> float:
+    if stats is not None:
+        return stats.metrics[metric].estimate
+    return sum(r.test_metrics.get(metric, 0.0) for r in runs) / len(runs)
+
+
+def _classification_summary(experiment: ExperimentResult, runs: list[RunResult]) -> list[str]:
+    """Best method, one verdict per method against the reference with its paired interval, classes never predicted."""
+    stats = _statistics(experiment)
+    groups = _groups(runs)
+    by_name = {name: stats.method(name) if stats else None for name in groups}
+    f1 = {name: _mean_metric(group, by_name[name], "f1_macro") for name, group in groups.items()}
+    best = max(f1, key=f1.get)  # type: ignore[arg-type]
+    several = any(len(group) > 1 for group in groups.values())
+    best_stats = by_name[best]
+    detail = f"{f1[best]:.4f}"
+    if best_stats is not None:
+        if several and best_stats.std["f1_macro"] is not None:
+            detail = f"mean {detail} ± {best_stats.std['f1_macro']:.4f} over {len(best_stats.seeds)} seeds"
+        detail += f", {_level(stats)} CI {_interval_text(best_stats.metrics['f1_macro'])}"  # type: ignore[arg-type]
+    sentences = [f"Best test macro F1: {best} ({detail})."]
+    if stats is not None:
+        # Said once so that the verdicts below are read as "at this test size", not "equal".
+        sentences.append(f"Intervals: {_level(stats)} percentile bootstrap over the {stats.test_rows} test rows "
+                         f"({stats.bootstrap_samples} resamples, seed {stats.seed}); each verdict is a paired "
+                         f"bootstrap of the difference on the same resampled rows.")
+    if several:
+        seeds = sorted({str(r.seed) for r in runs})
+        sentences.append(f"Seeds {', '.join(seeds)}: metrics are the mean ± std over each method's seeds; the "
+                         f"intervals resample test rows and average the seeds' metrics on each resample.")
+    configured = (experiment.config.get("report") or {}).get("reference")
+    reference = stats.reference if stats else reference_name(list(groups), [g[0].method for g in groups.values()],
+                                                             configured)
+    if reference in groups:
+        for name, group in groups.items():
+            if name == reference:
+                continue
+            sentences.append(_verdict_sentence(name, reference, group, groups[reference], by_name[name], stats,
+                                               f1[name] - f1[reference]))
+    for name, group in groups.items():
+        sentence = _never_predicted_sentence(name, group, by_name[name])
+        if sentence:
+            sentences.append(sentence)
+    weights = (experiment.config.get("training") or {}).get("class_weights", "none")
+    if weights != "none":  # the Trainer's loss is the weighted one, in evaluation too
+        sentences.append(f"Training, validation and test losses are class-weighted cross-entropy "
+                         f"(training.class_weights: {weights}); accuracy and F1 are not weighted.")
+    if stats is not None:
+        sentences += stats.notes
+    return sentences
+
+
+def _verdict_sentence(name: str, reference: str, runs: list[RunResult], reference_runs: list[RunResult],
+                      stats: MethodStats | None, experiment_stats: ExperimentStats | None, difference: float) -> str:
+    comparison = stats.comparisons.get("f1_macro") if stats else None
+    costs = _cost_clause(_mean_run(runs), _mean_run(reference_runs))
+    if comparison is None or experiment_stats is None:
+        return (f"{name}'s test macro F1 differs from {reference}'s by {difference:+.4f} (no saved test predictions, "
+                f"so no interval: whether this is more than noise is unknown), {costs}.")
+    where = f"on these {experiment_stats.test_rows} test rows" if comparison.verdict == NO_DIFFERENCE else ""
+    return (f"{name}: {comparison.verdict} {reference} in macro F1{' ' + where if where else ''} (difference "
+            f"{comparison.difference.estimate:+.4f}, {_level(experiment_stats)} CI "
+            f"{_interval_text(comparison.difference, signed=True)}), {costs}.")
+
+
+def _mean_run(runs: list[RunResult]) -> RunResult:
+    """A run whose costs are the mean over seeds (parameters and sizes do not change with the seed)."""
+    if len(runs) == 1:
+        return runs[0]
+    return dataclasses.replace(runs[0], wall_time_s=sum(r.wall_time_s for r in runs) / len(runs))
+
+
+def _never_predicted_sentence(name: str, runs: list[RunResult], stats: MethodStats | None) -> str | None:
+    """'lora never predicts neutral': from the saved predictions, else from the confusion matrices."""
+    if stats is not None:
+        missing, seeds = stats.never_predicted, len(stats.seeds)
+    else:
+        missing, seeds = {}, len(runs)
+        for run in runs:
+            labels = list(run.per_class)
+            for j, label in enumerate(labels):
+                if run.confusion_matrix and sum(row[j] for row in run.confusion_matrix) == 0:
+                    missing[label] = missing.get(label, 0) + 1
+    if not missing:
+        return None
+    always = [c for c, n in missing.items() if n == seeds]
+    some = [c for c, n in missing.items() if n < seeds]
+    parts = []
+    if always:
+        parts.append(f"{name} never predicts {_and(always)} on the test split (recall 0 for "
+                     f"{'that class' if len(always) == 1 else 'those classes'})"
+                     + (f" in any of its {seeds} seeds" if seeds > 1 else ""))
+    if some:
+        parts.append(f"{name} never predicts " + ", ".join(f"{c} in {missing[c]} of {seeds} seeds" for c in some))
+    return "; ".join(parts) + "."
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
 # --------------------------------------------------------------------------- plots
@@ -148,14 +284,16 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
         return plots
     classify = experiment.task == "classification"
 
+    several = _several_seeds(experiment)
+    label = {id(r): f"{r.name} seed {r.seed}" if several else r.name for r in runs}
     fig, ax = plt.subplots(figsize=(7, 4))
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         epochs = [h.epoch for h in run.history]
-        ax.plot(epochs, [h.eval_loss for h in run.history], "-o", color=color, label=f"{run.name} eval")
+        ax.plot(epochs, [h.eval_loss for h in run.history], "-o", color=color, label=f"{label[id(run)]} eval")
         train = [(h.epoch, h.train_loss) for h in run.history if h.train_loss is not None]
         if train:
-            ax.plot(*zip(*train), "--", color=color, alpha=0.6, label=f"{run.name} train")
+            ax.plot(*zip(*train), "--", color=color, alpha=0.6, label=f"{label[id(run)]} train")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("Train (dashed) and validation (solid) loss")
@@ -166,14 +304,14 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     for index, run in enumerate(runs):
         ax.plot([h.epoch for h in run.history], [h.metrics.get(metric) for h in run.history], "-o",
-                color=f"C{index % 10}", label=run.name)
+                color=f"C{index % 10}", label=label[id(run)])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation " + ("macro F1" if classify else "perplexity"))
     ax.set_title(("Validation macro F1" if classify else "Validation perplexity") + " per epoch")
     ax.legend(fontsize=7)
     plots["Validation " + ("macro F1" if classify else "perplexity") + " per epoch"] = _save(fig, folder / "quality.png")
 
-    names = [r.name for r in runs]
+    names = [label[id(r)] for r in runs]
     bars = [
         ("Training time (s)", [r.wall_time_s for r in runs], False),
         ("Peak memory, RSS (MB)", [r.peak_rss_bytes / 2**20 for r in runs], False),
@@ -194,17 +332,51 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
     plots["Cost per method"] = _save(fig, folder / "costs.png")
 
     if classify:
+        stats = _statistics(experiment)
+        groups = _groups(runs)
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for index, run in enumerate(runs):
-            ax.scatter(max(run.trainable_params, 1), run.test_metrics.get("f1_macro", 0), s=60, color=f"C{index % 10}")
-            ax.annotate(run.name, (max(run.trainable_params, 1), run.test_metrics.get("f1_macro", 0)), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+        for index, (name, group) in enumerate(groups.items()):
+            method_stats = stats.method(name) if stats else None
+            x = max(group[0].trainable_params, 1)
+            y = _mean_metric(group, method_stats, "f1_macro")
+            if method_stats is not None:
+                interval = method_stats.metrics["f1_macro"]
+                ax.errorbar(x, y, yerr=[[y - interval.low], [interval.high - y]], fmt="o", markersize=7, capsize=4,
+                            color=f"C{index % 10}")
+            else:
+                ax.scatter(x, y, s=60, color=f"C{index % 10}")
+            ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel("test macro F1")
-        ax.set_title("Quality against cost")
+        ax.set_title("Quality against cost" + (f" ({_level(stats)} CI)" if stats else ""))
         plots["Quality against cost"] = _save(fig, folder / "pareto.png")
+        if stats is not None and stats.methods:
+            plots[f"Test quality with {_level(stats)} intervals"] = _test_quality_plot(stats, folder / "test_quality.png")
     return plots
+
+
+def _test_quality_plot(stats: ExperimentStats, path: Path) -> Path:
+    """Macro F1 and accuracy per method with their bootstrap intervals as error bars; one dot per seed."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    first_with_seeds = next((m.name for m in stats.methods if len(m.seeds) > 1), None)
+    for ax, metric, title in zip(axes, ("f1_macro", "accuracy"), ("macro F1", "accuracy")):
+        for index, method in enumerate(stats.methods):
+            interval = method.metrics[metric]
+            ax.errorbar(index, interval.estimate, yerr=[[interval.estimate - interval.low],
+                                                        [interval.high - interval.estimate]],
+                        fmt="o", capsize=5, markersize=7, color=f"C{index % 10}")
+            if len(method.seeds) > 1:
+                ax.scatter([index + 0.15] * len(method.seeds), method.per_seed[metric], s=12, color="grey",
+                           zorder=3, label="one seed" if method.name == first_with_seeds else None)
+        ax.set_xticks(range(len(stats.methods)), [m.name for m in stats.methods], rotation=30, fontsize=8)
+        ax.set_ylabel(f"test {title}")
+        ax.set_title(f"Test {title}, {_level(stats)} bootstrap CI ({stats.test_rows} rows)")
+        if first_with_seeds is not None:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -229,33 +401,84 @@ def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _comparison(experiment: ExperimentResult) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows of the results table: one row per method, plus one per seed when there are several."""
     classify = experiment.task == "classification"
-    columns = ["method", "trainable", "time", "samples/s", "peak RSS", "model/adapter", "optimizer state",
-               "best epoch"]
-    columns += ["test loss", "accuracy", "macro P", "macro R", "macro F1"] if classify else ["test loss", "perplexity"]
+    stats = _statistics(experiment)
+    several = _several_seeds(experiment)
+    level = f" ({_level(stats)} CI)" if stats else ""
+    columns = ["method"] + (["seed"] if several else []) + ["trainable", "time", "samples/s", "peak RSS",
+                                                            "model/adapter", "optimizer state", "best epoch"]
+    columns += (["test loss", f"accuracy{level}", "macro P", "macro R", f"macro F1{level}"] if classify
+                else ["test loss", "perplexity"])
     rows = []
     if not classify and experiment.base_eval_loss is not None:  # the bar every method must clear
         rows.append({"method": "base (no training)", "trainable": "0", "test loss": _fmt(experiment.base_eval_loss),
                      "perplexity": _fmt(perplexity(experiment.base_eval_loss), 2)})
-    for run in experiment.runs:
-        if run.status != "ok":
-            rows.append({"method": f"{run.name} (failed)", "trainable": run.error or ""})
-            continue
-        pct = f"{run.trainable_pct:.2f}" if run.trainable_pct >= 0.01 else f"{run.trainable_pct:.2g}"
-        row = {"method": run.name, "trainable": f"{human_count(run.trainable_params)} ({pct}%)",
-               "time": f"{run.wall_time_s:.1f} s", "samples/s": f"{run.train_samples_per_s:.1f}",
-               "peak RSS": human_bytes(run.peak_rss_bytes), "model/adapter": human_bytes(run.model_size_bytes),
-               "optimizer state": human_bytes(run.optimizer_state_bytes),
-               "best epoch": _fmt(run.best_epoch, 0), "test loss": _fmt(run.test_metrics.get("loss"))}
-        if classify:
-            row.update({"accuracy": _fmt(run.test_metrics.get("accuracy")),
-                        "macro P": _fmt(run.test_metrics.get("precision_macro")),
-                        "macro R": _fmt(run.test_metrics.get("recall_macro")),
-                        "macro F1": _fmt(run.test_metrics.get("f1_macro"))})
-        else:
-            row["perplexity"] = _fmt(run.test_metrics.get("perplexity"), 2)
-        rows.append(row)
+    for name, group in _groups(experiment.runs).items():
+        finished = _ok(group)
+        method_stats = stats.method(name) if stats and finished else None
+        if len(group) > 1 and finished:
+            rows.append(_seed_summary_row(name, finished, method_stats, classify, level))
+        for run in group:
+            row = _run_row(run, classify, level)
+            if several:
+                row["seed"] = "-" if run.seed is None else str(run.seed)
+            if len(group) == 1 and method_stats is not None:  # one seed: the interval sits on the run's own row
+                for metric, column in (("accuracy", "accuracy"), ("f1_macro", "macro F1")):
+                    row[column + level] = _with_interval(method_stats.metrics[metric])
+            rows.append(row)
     return columns, rows
+
+
+def _run_row(run: RunResult, classify: bool, level: str) -> dict[str, Any]:
+    if run.status != "ok":
+        return {"method": f"{run.name} (failed)", "trainable": run.error or ""}
+    pct = f"{run.trainable_pct:.2f}" if run.trainable_pct >= 0.01 else f"{run.trainable_pct:.2g}"
+    row = {"method": run.name, "trainable": f"{human_count(run.trainable_params)} ({pct}%)",
+           "time": f"{run.wall_time_s:.1f} s", "samples/s": f"{run.train_samples_per_s:.1f}",
+           "peak RSS": human_bytes(run.peak_rss_bytes), "model/adapter": human_bytes(run.model_size_bytes),
+           "optimizer state": human_bytes(run.optimizer_state_bytes),
+           "best epoch": _fmt(run.best_epoch, 0), "test loss": _fmt(run.test_metrics.get("loss"))}
+    if classify:
+        row.update({f"accuracy{level}": _fmt(run.test_metrics.get("accuracy")),
+                    "macro P": _fmt(run.test_metrics.get("precision_macro")),
+                    "macro R": _fmt(run.test_metrics.get("recall_macro")),
+                    f"macro F1{level}": _fmt(run.test_metrics.get("f1_macro"))})
+    else:
+        row["perplexity"] = _fmt(run.test_metrics.get("perplexity"), 2)
+    return row
+
+
+def _seed_summary_row(name: str, runs: list[RunResult], stats: MethodStats | None, classify: bool,
+                      level: str) -> dict[str, Any]:
+    """Mean ± std over a method's seeds, with the interval of the seed-averaged metric."""
+    mean_time = sum(r.wall_time_s for r in runs) / len(runs)
+    row: dict[str, Any] = {"method": name, "seed": f"mean of {len(runs)}",
+                           "trainable": human_count(runs[0].trainable_params), "time": f"{mean_time:.1f} s",
+                           "model/adapter": human_bytes(runs[0].model_size_bytes)}
+    if not classify:
+        losses = [r.test_metrics.get("loss", float("nan")) for r in runs]
+        row["test loss"] = _mean_std(losses)
+        return row
+    for metric, column in (("accuracy", "accuracy"), ("f1_macro", "macro F1"), ("precision_macro", "macro P"),
+                           ("recall_macro", "macro R")):
+        key = column + level if metric in ("accuracy", "f1_macro") else column
+        row[key] = _mean_std([r.test_metrics.get(metric, float("nan")) for r in runs])
+        if stats is not None and metric in stats.metrics:
+            interval = stats.metrics[metric]
+            row[key] += f" ({interval.low:.4f}–{interval.high:.4f})"
+    row["test loss"] = _mean_std([r.test_metrics.get("loss", float("nan")) for r in runs])
+    return row
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def _with_interval(interval: Interval) -> str:
+    return f"{interval.estimate:.4f} ({interval.low:.4f}–{interval.high:.4f})"
 
 
 def _data_lines(report: dict[str, Any]) -> list[str]:
@@ -277,14 +500,19 @@ def _data_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"- cleaning `{report['cleaning']}` changed {report['cleaning_changed']} texts")
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
+    for warning in report.get("warnings", []):
+        lines.append(f"- **warning**: {warning}")
     return lines
 
 
 def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path) -> str:
     columns, rows = _comparison(experiment)
+    seeds = sorted({r.seed for r in experiment.runs if r.seed is not None})
+    seed_text = (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+                 else f"seed {experiment.environment.get('seed')}")
     parts = [f"# peftlab report: {experiment.name}", "",
              f"Task: {experiment.task}; model: `{experiment.config['model']['path']}`; "
-             f"device: {experiment.environment.get('device', '?')}; seed {experiment.environment.get('seed')}.", "",
+             f"device: {experiment.environment.get('device', '?')}; {seed_text}.", "",
              "## Summary", ""]
     parts += [f"- {s}" for s in summary_sentences(experiment)]
     parts += ["", "## Results (test split)", "", _markdown_table(rows, columns), "",
@@ -295,7 +523,7 @@ def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_di
     if experiment.task == "classification":
         parts += ["## Per-class test results", ""]
         for run in _ok(experiment.runs):
-            parts += [f"### {run.name}", "", _markdown_table(
+            parts += [f"### {_run_title(experiment, run)}", "", _markdown_table(
                 [{"class": c, **{k: _fmt(v) if k != "support" else int(v) for k, v in m.items()}}
                  for c, m in run.per_class.items()], ["class", "precision", "recall", "f1", "support"]), ""]
             labels = list(run.per_class)
@@ -308,12 +536,16 @@ def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_di
         hist_rows = [{"epoch": _fmt(h.epoch, 2), "train loss": _fmt(h.train_loss), "eval loss": _fmt(h.eval_loss),
                       **{k: _fmt(v) for k, v in h.metrics.items()}} for h in run.history]
         keys = ["epoch", "train loss", "eval loss"] + (list(run.history[0].metrics) if run.history else [])
-        parts += [f"### {run.name} (best epoch {_fmt(run.best_epoch, 0)} by {run.best_metric_name})", "",
+        parts += [f"### {_run_title(experiment, run)} (best epoch {_fmt(run.best_epoch, 0)} by {run.best_metric_name})", "",
                   _markdown_table(hist_rows, keys), ""]
     parts += ["## Plots", ""] + [f"![{title}]({path.relative_to(run_dir).as_posix()})" for title, path in plots.items()]
     env = experiment.environment
     parts += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     return "\n".join(parts)
+
+
+def _run_title(experiment: ExperimentResult, run: RunResult) -> str:
+    return f"{run.name}, seed {run.seed}" if _several_seeds(experiment) else run.name
 
 
 def _generation_markdown(experiment: ExperimentResult) -> list[str]:
@@ -345,7 +577,8 @@ def render_html(experiment: ExperimentResult, plots: dict[str, Path]) -> str:
         f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{esc(title)}</figcaption></figure>"
         for title, path in plots.items())
     summary = "".join(f"<li>{esc(s)}</li>" for s in summary_sentences(experiment))
-    data = "".join(f"<li>{esc(line.strip().lstrip('- '))}</li>" for line in _data_lines(experiment.data_report))
+    data = "".join(f"<li>{esc(line.strip().lstrip('- ')).replace('**warning**', '<strong>warning</strong>')}</li>"
+                   for line in _data_lines(experiment.data_report))
     generations = ""
     if experiment.task == "causal-lm":
         generations = "<h2>Generations</h2>" + "".join(
@@ -367,7 +600,18 @@ def render_html(experiment: ExperimentResult, plots: dict[str, Path]) -> str:
 
 
 def write_report(experiment: ExperimentResult, run_dir: Path) -> dict[str, Path]:
-    """Write results.json, results.csv, report.md, report.html and plots/ into ``run_dir``."""
+    """Write results.json, results.csv, report.md, report.html and plots/ into ``run_dir``.
+
+    The intervals and verdicts are recomputed from the test predictions saved in ``run_dir`` (see
+    :func:`peftlab.stats.run_statistics`) and stored in ``experiment.statistics`` (so results.json and a
+    later :func:`render_results_console` show them).
+
+    Raises:
+        RunDirError: a saved predictions file is missing or damaged.
+    """
+    stats = run_statistics(experiment, run_dir)
+    # Without any saved predictions (causal LM, runs from before they were saved) the summary says so per method.
+    experiment.statistics = stats.to_dict() if stats is not None and stats.methods else {}
     plots = make_plots(experiment, run_dir / PLOTS)
     fsutil.write_json(run_dir / "results.json", experiment.to_dict())
     rows = results_rows(experiment)
@@ -424,6 +668,8 @@ def render_data_report_console(report: Any) -> None:
             table.add_row("", f"{before[:50]!r} -> {after[:50]!r}")
     for note in data.get("notes", []):
         table.add_row("note", note)
+    for warning in data.get("warnings", []):
+        table.add_row("[yellow]warning[/yellow]", f"[yellow]{warning}[/yellow]")
     console.print(table)
 
 

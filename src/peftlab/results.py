@@ -1,4 +1,9 @@
-"""Measured results as plain dataclasses; ``report.py`` is the only module that renders them."""
+"""Measured results as plain dataclasses; ``report.py`` is the only module that renders them.
+
+Also owns the saved test predictions of each method (``test_predictions.jsonl``): one JSON object per
+test row, in the test split's row order, so intervals and verdicts can be recomputed from the run
+directory alone.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from peftlab import fsutil
+from peftlab.errors import RunDirError
+
+PREDICTIONS_FILE = "test_predictions.jsonl"
 
 
 @dataclass
@@ -52,7 +64,8 @@ class RunResult:
     generations: dict[str, str] = field(default_factory=dict)
     output_dir: str = ""
     resumed: bool = False
-    seed: int | None = None  # training.seed of this run; several per method when training.seeds has several
+    seed: int | None = None  # training seed of this run; several runs may share a name with different seeds
+    predictions_file: str = ""  # test predictions, relative to the run directory ("" when not saved)
 
     @property
     def trainable_pct(self) -> float:
@@ -79,6 +92,8 @@ class ExperimentResult:
     base_generations: dict[str, str] = field(default_factory=dict)
     base_eval_loss: float | None = None
     generation_settings: dict[str, Any] = field(default_factory=dict)
+    # Intervals and verdicts recomputed from the saved predictions by each report (see peftlab.stats).
+    statistics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,3 +108,67 @@ class ExperimentResult:
     @classmethod
     def load(cls, path: Path) -> "ExperimentResult":
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass
+class SavedPredictions:
+    """One method's predictions on the test split, row ``i`` being test row ``i``.
+
+    Attributes:
+        labels: class names; index = label id.
+        true: true label id per row, shape ``(rows,)``.
+        predicted: predicted label id per row (argmax of the logits), shape ``(rows,)``.
+        probabilities: softmax probabilities, shape ``(rows, classes)``.
+    """
+
+    labels: list[str]
+    true: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.true)
+
+
+def save_predictions(path: Path, predictions: SavedPredictions) -> None:
+    """Write ``predictions`` as JSON lines, atomically (a crash never leaves half a file)."""
+    names = predictions.labels
+    lines = []
+    for row, (true, predicted, probs) in enumerate(zip(predictions.true, predictions.predicted,
+                                                        predictions.probabilities)):
+        lines.append(json.dumps({"row": row, "label": names[int(true)], "predicted": names[int(predicted)],
+                                 "probabilities": {n: round(float(p), 6) for n, p in zip(names, probs)}},
+                                ensure_ascii=False))
+    fsutil.write_text(path, "\n".join(lines) + "\n")
+
+
+def load_predictions(path: Path) -> SavedPredictions:
+    """Read a file written by :func:`save_predictions`.
+
+    Raises:
+        RunDirError: the file is missing, not JSON lines, or its rows are out of order.
+    """
+    if not path.is_file():
+        raise RunDirError(f"{path} not found: the run saved no test predictions there (runs before peftlab saved "
+                          f"them have none; rerun the method to get intervals)")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{path} line {number} is not JSON ({exc.msg}); the file is damaged, rerun the method") from None
+    if not rows:
+        raise RunDirError(f"{path} holds no rows; rerun the method")
+    labels = list(rows[0]["probabilities"])
+    index = {name: i for i, name in enumerate(labels)}
+    if [r["row"] for r in rows] != list(range(len(rows))):
+        raise RunDirError(f"{path}: rows are not numbered 0..{len(rows) - 1} in order; the file is damaged, rerun the method")
+    try:
+        true = np.array([index[r["label"]] for r in rows], dtype=np.int64)
+        predicted = np.array([index[r["predicted"]] for r in rows], dtype=np.int64)
+        probabilities = np.array([[r["probabilities"][n] for n in labels] for r in rows], dtype=np.float64)
+    except KeyError as exc:
+        raise RunDirError(f"{path}: label {exc.args[0]!r} is not one of the classes {labels}; rerun the method") from None
+    return SavedPredictions(labels=labels, true=true, predicted=predicted, probabilities=probabilities)

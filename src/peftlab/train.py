@@ -24,7 +24,7 @@ from peftlab import artifacts
 from peftlab.config import ExperimentConfig, MethodName
 from peftlab.data import PreparedData
 from peftlab.dist import is_main_process
-from peftlab.errors import MethodError
+from peftlab.errors import ConfigError, MethodError
 from peftlab.evaluate import (
     GREATER_IS_BETTER,
     classification_metrics,
@@ -32,10 +32,11 @@ from peftlab.evaluate import (
     make_compute_metrics,
     per_class_report,
     perplexity,
+    softmax,
 )
 from peftlab.methods import MethodContext, apply_method
 from peftlab.models import load_base_model, resolve_dtype
-from peftlab.results import EpochRecord, RunResult
+from peftlab.results import PREDICTIONS_FILE, EpochRecord, RunResult, SavedPredictions, save_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,50 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def class_weights(config: ExperimentConfig, data: PreparedData) -> list[float] | None:
+    """Per-class loss weights from ``training.class_weights`` (index = label id), or None for plain cross-entropy.
+
+    ``balanced`` is scikit-learn's ``n_rows / (n_classes * class_rows)`` on the train split; a mapping
+    gives named classes their weight and the others 1. Call it before the run directory is created to
+    catch a misspelt class name early.
+
+    Raises:
+        ConfigError: the mapping names a class the data does not have (the message lists the classes).
+    """
+    spec = config.training.class_weights
+    if config.task != "classification" or spec == "none":
+        return None
+    if spec == "balanced":
+        counts = np.bincount(np.asarray(data.train.labels), minlength=len(data.labels))
+        # prepare_data refuses a class without training rows, so no count is 0 here.
+        return (len(data.train.labels) / (len(data.labels) * counts)).tolist()
+    unknown = [name for name in spec if name not in data.labels]
+    if unknown:
+        raise ConfigError(f"training.class_weights names {', '.join(repr(u) for u in unknown)}, not a class of this "
+                          f"data; the classes are {', '.join(data.labels)}")
+    return [float(spec.get(name, 1.0)) for name in data.labels]
+
+
+def _weighted_cross_entropy(weights: list[float]) -> Any:
+    """A Trainer ``compute_loss_func``: class-weighted cross-entropy, summed and divided by the row count.
+
+    Divided by ``num_items_in_batch`` (rows in the whole accumulated batch) rather than by the sum of the
+    weights, as torch's ``reduction="mean"`` would: then the Trainer's gradient-accumulation scaling stays
+    exact, and with ``balanced`` weights (mean weight 1 over the train split) the loss keeps the unweighted scale.
+    """
+    import torch
+
+    weight = torch.tensor(weights, dtype=torch.float32)
+
+    def compute_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        total = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight.to(logits.device),
+                                                  reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+    return compute_loss
 
 
 def _step_timer() -> Any:
@@ -282,6 +327,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     task = config.task
     classify = task == "classification"
     name = method_config.run_name
+    weights = class_weights(config, data)  # checked before training starts: a typo costs no epoch
 
     # -- model + method. Seed first: the new head and adapter weights must start the same on every run.
     set_seed(training.seed)
@@ -320,6 +366,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         data_collator=collator,
         processing_class=base.tokenizer,
         compute_metrics=make_compute_metrics(len(data.labels)) if classify else None,
+        compute_loss_func=_weighted_cross_entropy(weights) if weights is not None else None,
         callbacks=callbacks,
     )
 
@@ -351,9 +398,9 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         peak_accelerator_bytes=peak_accelerator, trainable_params=trainable, total_params=total,
         optimizer_state_bytes=optimizer_bytes, best_epoch=best.epoch if best else None,
         best_metric_name=metric, best_metric=_metric_value(best, metric) if best else None, history=history,
-        resumed=checkpoint is not None,
+        resumed=checkpoint is not None, seed=training.seed,
     )
-    _evaluate_test(trainer, tokenized["test"], data, result, classify)
+    _evaluate_test(trainer, tokenized["test"], data, result, classify, method_dir)
 
     # -- save what must be kept, atomically, then drop checkpoints (they hold optimizer state: 3x the model).
     if is_main_process():
@@ -442,23 +489,51 @@ def _best_epoch(history: list[EpochRecord], metric: str) -> EpochRecord | None:
     return max(scored, key=key) if GREATER_IS_BETTER[metric] else min(scored, key=key)
 
 
-def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunResult, classify: bool) -> None:
+def _evaluate_test(trainer: Any, test_set: Any, data: PreparedData, result: RunResult, classify: bool,
+                   method_dir: Path) -> None:
+    """Test metrics; for classification also save each row's prediction, in the test split's order."""
     if not classify:
         # evaluate, not predict: predict gathers every logit (rows x tokens x vocab floats, GBs for a
         # 49K vocabulary) only to return the same loss.
         loss = trainer.evaluate(test_set, metric_key_prefix="test").get("test_loss")
         result.test_metrics = {"loss": float(loss), "perplexity": float(perplexity(loss) or float("nan"))}
         return
-    prediction = trainer.predict(test_set, metric_key_prefix="test")
-    loss = prediction.metrics.get("test_loss")
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    output = _predict_in_split_order(trainer, test_set)
+    loss = output.metrics.get("test_loss")
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     predicted = np.asarray(logits).argmax(axis=-1)
-    # The Trainer's eval sampler groups by length too, so rows come back in its order, not the split's:
-    # its label_ids are the only labels aligned with these logits.
-    labels = np.asarray(prediction.label_ids)
+    labels = np.asarray(output.label_ids)
+    if not np.array_equal(labels, np.asarray(data.test.labels)):
+        # Saved predictions are paired row by row across methods: a reordering would silently corrupt every interval.
+        raise RuntimeError("test predictions came back in a different row order than the test split; "
+                           "peftlab's sequential test loader no longer matches this transformers version")
     result.test_metrics = {"loss": float(loss), **classification_metrics(labels, predicted, len(data.labels))}
     result.per_class = per_class_report(labels, predicted, data.labels)
     result.confusion_matrix = confusion(labels, predicted, len(data.labels))
+    if is_main_process():
+        path = method_dir / PREDICTIONS_FILE
+        save_predictions(path, SavedPredictions(labels=list(data.labels), true=labels, predicted=predicted,
+                                               probabilities=softmax(logits)))
+        result.predictions_file = str(path.relative_to(method_dir.parent))
+
+
+def _predict_in_split_order(trainer: Any, test_set: Any) -> Any:
+    """``trainer.predict`` with a sequential loader, so row ``i`` of the output is test row ``i``.
+
+    ``trainer.predict`` uses the eval sampler, which with ``train_sampling_strategy="group_by_length"`` is a
+    seeded ``LengthGroupedSampler`` (transformers 5.23 ``Trainer._get_eval_sampler``): a random permutation
+    sorted by length within mega-batches. Rather than re-deriving that permutation from private code, the
+    test rows go through ``evaluation_loop`` (the loop ``predict`` itself runs) in order; under DDP accelerate
+    shards consecutive batches and ``gather_for_metrics`` restores their order and drops the padding rows.
+    """
+    from torch.utils.data import DataLoader, SequentialSampler
+
+    args = trainer.args
+    loader = DataLoader(test_set, batch_size=args.eval_batch_size, sampler=SequentialSampler(test_set),
+                        collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers,
+                        pin_memory=args.dataloader_pin_memory)
+    return trainer.evaluation_loop(trainer.accelerator.prepare(loader), description="test",
+                                   metric_key_prefix="test")
 
 
 def _metadata(config: ExperimentConfig, method_config: Any, base: BaseModelSpec,

@@ -80,6 +80,7 @@ class DataReport:
     cleaning_examples: list[tuple[str, str]] = field(default_factory=list)
     labels_seen_outside_map: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # problems that may make the comparison misleading
 
 
 @dataclass
@@ -186,7 +187,10 @@ def prepare_data(config: DataConfig, task: str = "classification", tokenizer: An
         cleaning_examples=changed[:5],
         labels_seen_outside_map=dict(outside.most_common(20)),
         notes=notes,
+        warnings=_small_class_warnings(prepared["train"], labels) if classify else [],
     )
+    for warning in report.warnings:
+        logger.warning("data: %s", warning)
     if tokenizer is not None:
         _count_tokens(report, prepared, tokenizer, config.max_length)
     data = PreparedData(prepared["train"], prepared["validation"], prepared["test"], labels, report)
@@ -460,6 +464,26 @@ def _check_class_coverage(prepared: dict[str, Split], labels: list[str], notes: 
 
 
 # --------------------------------------------------------------------------- report helpers
+
+
+SMALL_CLASS_SHARE = 0.20
+
+
+def _small_class_warnings(train: Split, labels: list[str]) -> list[str]:
+    """Classes with under 20% of the training rows: models then often learn never to predict them.
+
+    With more than four classes a balanced class already has 20% or less, so there the bar is 80% of the
+    balanced share (1 / classes) instead.
+    """
+    bar = min(SMALL_CLASS_SHARE, 0.8 / len(labels))
+    total = len(train.labels)
+    warnings = []
+    for name, count in _counts(train, labels).items():
+        if count < bar * total:
+            warnings.append(f"class {name!r} has {count} of {total} training rows ({100 * count / total:.1f}%, under "
+                            f"{100 * bar:.0f}%): a model may learn never to predict it; check the per-class recall "
+                            f"or set training.class_weights: balanced")
+    return warnings
 
 
 def _counts(split: Split, labels: list[str]) -> dict[str, int]:
