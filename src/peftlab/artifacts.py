@@ -54,6 +54,7 @@ class Metadata(TypedDict, total=False):
     clean: str  # the text cleaning applied at training time (data.clean); predict applies the same
     trust_remote_code: bool  # the base needs its own Python code to load
     is_adapter: bool  # True: a PEFT adapter on ``base_model``; False: a full model folder
+    base_fingerprint: dict[str, Any]  # the base's shape (model_type, sizes, vocabulary): a wrong --base is refused
     merged_from: str  # export only: the adapter folder this full model was merged from
     merged_method: str  # export only: that adapter's method
 
@@ -66,7 +67,20 @@ def new_metadata(*, task: str, method: str, name: str, labels: list[str], base_m
 
     return Metadata(peftlab_version=peftlab.__version__, task=task, method=method, name=name, labels=list(labels),
                     base_model=str(base_model), base_model_name=base_model_name, max_length=max_length, clean=clean,
-                    trust_remote_code=trust_remote_code, is_adapter=method != MethodName.FULL.value)
+                    trust_remote_code=trust_remote_code, is_adapter=method != MethodName.FULL.value,
+                    base_fingerprint=base_fingerprint(json.loads((base_model / MODEL_CONFIG_FILE).read_text("utf-8"))))
+
+
+# What must agree between the base an adapter was trained on and the one it is loaded on. Two bases with the same
+# fingerprint but other weights (two fine-tunes of one model) cannot be told apart from their configs.
+_FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "vocab_size", "max_position_embeddings")
+
+
+def base_fingerprint(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The shape of a base model, from its ``config.json`` (a dict) or a transformers config."""
+    get = model_config.get if isinstance(model_config, dict) else (lambda k: getattr(model_config, k, None))
+    return {key: get(key) for key in _FINGERPRINT_KEYS}
 
 
 def write_metadata(folder: Path, metadata: Metadata | dict[str, Any]) -> None:
@@ -82,7 +96,15 @@ def read_metadata(model_dir: Path) -> Metadata:
     """
     meta_file = model_dir / METADATA_FILE
     if meta_file.is_file():
-        return json.loads(meta_file.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AdapterError(f"{meta_file} is damaged ({type(exc).__name__}: {str(exc)[:120]}); copy the folder "
+                               f"again from its run, or retrain the method") from None
+        if not isinstance(meta, dict):
+            raise AdapterError(f"{meta_file} is not a peftlab metadata object (got {type(meta).__name__}); copy the "
+                               f"folder again from its run")
+        return meta
     # A tool that does not record them trained on raw text with the tokenizer's default length.
     meta = Metadata(is_adapter=is_adapter(model_dir), clean="none", max_length=512)
     if meta["is_adapter"]:
@@ -160,14 +182,60 @@ def tokenizer_folder(folder: Path, base_folder: Path) -> Path:
 
 
 def attach_adapter(base: Any, folder: Path, base_folder: Path) -> Any:
-    """``PeftModel.from_pretrained(base, folder)``; a mismatch with the base becomes a clear :class:`AdapterError`."""
-    from peft import PeftModel
+    """``PeftModel.from_pretrained(base, folder)``, refusing any adapter that does not fit ``base`` exactly.
 
+    peft only warns when adapter weights are missing from the file (the model then runs with random adapter
+    weights) and drops weights the model has no place for. Here both are an :class:`AdapterError` naming the
+    keys and the base the adapter was trained on, as is a base whose shape differs from the recorded one.
+
+    Raises:
+        AdapterError: a damaged file, a base of another shape, or missing / unexpected adapter weights.
+    """
+    import warnings
+
+    from peft import PeftModel, get_peft_model_state_dict
+
+    meta = read_metadata(folder) if (folder / METADATA_FILE).is_file() else Metadata()
+    expected_base = meta.get("base_model_name") or meta.get("base_model") or "the base it was trained on"
+    recorded = meta.get("base_fingerprint")
+    if recorded and base_fingerprint(base.config) != recorded:
+        given = base_fingerprint(base.config)
+        differ = ", ".join(f"{k} {given[k]} (trained on {recorded.get(k)})" for k in given if given[k] != recorded.get(k))
+        raise AdapterError(f"adapter {folder} was trained on {expected_base}; {base_folder} has another shape ({differ}). "
+                           f"Pass --base {expected_base}")
+    saved = _saved_adapter_keys(folder)
     try:
-        return PeftModel.from_pretrained(base, str(folder))
-    except (RuntimeError, ValueError, KeyError) as exc:
+        with warnings.catch_warnings():
+            # the missing keys it warns about are checked below, as an error
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(base, str(folder))
+    except Exception as exc:  # noqa: BLE001 - torch, safetensors and peft each raise their own types here
         raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the base "
-                           f"it was trained on with --base") from None
+                           f"it was trained on ({expected_base}) with --base") from None
+    if saved is not None:
+        wanted = set(get_peft_model_state_dict(model))
+        missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+        if missing or unexpected:
+            parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                     for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+            raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: adapter weights "
+                               f"{'; '.join(parts)}. It was trained on {expected_base}: pass that with --base")
+    return model
+
+
+def _saved_adapter_keys(folder: Path) -> set[str] | None:
+    """The tensor names in the adapter's safetensors file (None for a pickle adapter, which is not inspected)."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return set(handle.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for damaged files
+        raise AdapterError(f"{weights} is damaged or truncated ({str(exc)[:160]}); copy the folder again from its "
+                           f"run, or retrain the method") from None
 
 
 def save_folder(target: Path, model: Any, tokenizer: Any, metadata: Metadata | dict[str, Any]) -> Path:

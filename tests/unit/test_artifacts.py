@@ -23,12 +23,14 @@ def test_file_names_are_the_libraries_own() -> None:
 
 
 def test_metadata_round_trips_and_documents_every_field(tmp_path: Path) -> None:
+    (tmp_path / artifacts.MODEL_CONFIG_FILE).write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     meta = artifacts.new_metadata(task="classification", method="lora", name="lora", labels=["a", "b"],
                                   base_model=tmp_path, base_model_name="tiny", max_length=64, clean="basic",
                                   trust_remote_code=False)
     artifacts.write_metadata(tmp_path, meta)
     assert artifacts.read_metadata(tmp_path) == json.loads(json.dumps(meta))
     assert meta["is_adapter"] is True
+    assert meta["base_fingerprint"]["model_type"] == "bert" and meta["base_fingerprint"]["hidden_size"] == 32
     assert set(meta) <= set(artifacts.Metadata.__annotations__)
     # every schema field carries a comment saying what it means
     source = Path(artifacts.__file__).read_text(encoding="utf-8")

@@ -363,6 +363,45 @@ def case_predict_missing(tmp: Path, model: Path) -> list[str]:
     return ["predict", str(tmp / "runs" / "nothing"), "fine"]
 
 
+def other_base(tmp: Path, model: Path, layers: int) -> Path:
+    """The tiny model's tokenizer on a BERT of the same width but another depth (as e5 against MiniLM)."""
+    from transformers import BertConfig, BertModel
+
+    other = shutil.copytree(model, tmp / "other")
+    config = BertConfig.from_pretrained(str(model))
+    config.num_hidden_layers = layers
+    BertModel(config).save_pretrained(str(other))
+    return other
+
+
+def case_predict_deeper_base(tmp: Path, model: Path) -> list[str]:
+    return ["predict", str(saved_adapter(tmp, model)), "fine", "--base", str(other_base(tmp, model, 3))]
+
+
+def case_predict_base_fingerprint(tmp: Path, model: Path) -> list[str]:
+    from peftlab.artifacts import base_fingerprint
+
+    adapter = saved_adapter(tmp, model)
+    meta = json.loads((adapter / "peftlab.json").read_text())
+    meta["base_fingerprint"] = base_fingerprint(json.loads((model / "config.json").read_text()))
+    meta["base_model_name"] = "minilm-l6"
+    (adapter / "peftlab.json").write_text(json.dumps(meta))
+    return ["predict", str(adapter), "fine", "--base", str(other_base(tmp, model, 1))]
+
+
+def case_predict_corrupt_metadata(tmp: Path, model: Path) -> list[str]:
+    adapter = saved_adapter(tmp, model)
+    (adapter / "peftlab.json").write_text('{"task": "classification", "lab')
+    return ["predict", str(adapter), "fine"]
+
+
+def case_predict_truncated_weights(tmp: Path, model: Path) -> list[str]:
+    adapter = saved_adapter(tmp, model)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return ["predict", str(adapter), "fine"]
+
+
 def case_report_truncated(tmp: Path, model: Path) -> list[str]:
     (tmp / "run").mkdir()
     (tmp / "run" / "results.json").write_text('{"name": "x", "task": "classification", "runs": [{"na', encoding="utf-8")
@@ -448,6 +487,13 @@ CASES = [
     Case("predict --output is a folder", case_predict_output_dir, 1, r"preds is a folder; give a file path"),
     Case("predict on a run directory", case_predict_run_dir, 1, r"run directory with methods \['lora'\]: add one"),
     Case("predict on a missing folder", case_predict_missing, 1, r"nothing does not exist"),
+    Case("predict with a base of another depth (missing adapter keys)", case_predict_deeper_base, 1,
+         r"does not fit base model .*other: adapter weights missing 4 \(.*layer.2"),
+    Case("predict with a base of another shape than the recorded one", case_predict_base_fingerprint, 1,
+         r"was trained on minilm-l6; .*other has another shape \(num_hidden_layers 1 \(trained on 2\)\).*--base minilm-l6"),
+    Case("predict: damaged peftlab.json", case_predict_corrupt_metadata, 1, r"peftlab.json is damaged"),
+    Case("predict: truncated adapter weights", case_predict_truncated_weights, 1,
+         r"adapter_model.safetensors is damaged or truncated"),
     Case("report: truncated results.json", case_report_truncated, 1, r"damaged or not a peftlab results file"),
     Case("report: results.json of another schema", case_report_schema, 1, r"damaged or not a peftlab results file"),
     Case("report: no results.json", case_report_no_results, 1, r"results.json not found"),
