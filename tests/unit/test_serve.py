@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,8 +18,9 @@ from serve_helpers import expected_predictions, make_adapter, make_full_model
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from peftlab.errors import ConfigError  # noqa: E402
 from peftlab.serve.app import ServeLimits, create_app  # noqa: E402
-from peftlab.serve.registry import BatchQueue, InvalidAdapterNameError, check_adapter_name  # noqa: E402
+from peftlab.serve.registry import BatchQueue, InvalidAdapterNameError, TextError, check_adapter_name  # noqa: E402
 
 TEXTS = ["the movie was great", "awful plot and dull acting", "a very very fine story it was", "ok",
          "the film was really quite boring"]
@@ -47,6 +50,12 @@ def expected(adapters_dir: Path) -> dict[str, Any]:
     return expected_predictions(adapters_dir, GOOD, TEXTS)
 
 
+def local_client(app: Any, **kwargs: Any) -> TestClient:
+    """A TestClient that calls the app by a local name (the Host check refuses TestClient's 'testserver')
+    and gets unhandled errors as 500 replies, as a real client would."""
+    return TestClient(app, base_url="http://localhost", raise_server_exceptions=False, **kwargs)
+
+
 def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while client.get("/health").status_code != 200:
@@ -58,7 +67,7 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
 def client(tiny_bert: Path, adapters_dir: Path) -> Any:
     app = create_app(str(tiny_bert), adapters_dir, eager=True, max_loaded=0, batch_window_ms=2,
                      limits=ServeLimits(max_texts=8, max_chars=200, max_body_bytes=4000))
-    with TestClient(app) as test_client:
+    with local_client(app) as test_client:
         wait_ready(test_client)
         yield test_client
 
@@ -104,7 +113,7 @@ def test_full_model_folder_is_skipped_with_a_note(tiny_bert: Path, adapters_dir:
 
 def test_health_is_503_until_the_base_model_is_loaded(tiny_bert: Path, adapters_dir: Path) -> None:
     app = create_app(str(tiny_bert), adapters_dir)
-    raw = TestClient(app)  # no `with`: startup (which loads the models) never runs
+    raw = local_client(app)  # no `with`: startup (which loads the models) never runs
     response = raw.get("/health")
     assert response.status_code == 503 and error_of(response)["code"] == "not_ready"
     response = raw.post("/v1/classify", json={"adapter": "lora", "texts": ["great"]})
@@ -220,13 +229,13 @@ def test_bad_requests(client: TestClient, body: str, status: int, code: str) -> 
 
 def test_failed_adapter_is_isolated(client: TestClient, expected: dict[str, Any]) -> None:
     response = client.post("/v1/classify", json={"adapter": "broken", "texts": ["great"]})
-    assert response.status_code == 500 and error_of(response)["code"] == "adapter_failed"
-    assert "broken" in error_of(response)["message"]
+    assert response.status_code == 422 and error_of(response)["code"] == "adapter_invalid"
+    assert "broken" in error_of(response)["message"] and "deserializing header" in error_of(response)["message"]
     response = client.post("/v1/classify", json={"adapter": "lora", "texts": [TEXTS[0]]})
     assert response.status_code == 200
     assert_matches(response.json()["results"][0], expected, "lora", TEXTS[0])
     response = client.post("/v1/adapters/broken/load")  # an explicit load retries, and fails again
-    assert response.status_code == 500 and client.get("/health").status_code == 200
+    assert response.status_code == 422 and client.get("/health").status_code == 200
     # It shares the LoRA group with lora and lora-b: no half-loaded copy of it may stay in there.
     registry = client.app.state.registry
     held = {n for group in registry._groups.values() for n in group.model.peft_config}
@@ -261,6 +270,136 @@ def test_unknown_route_is_a_json_404(client: TestClient) -> None:
     assert response.status_code == 404 and error_of(response)["code"] == "not_found"
 
 
+# -- one bad text fails only its own request
+
+def post_json(client: TestClient, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    """POST ``body`` as JSON with ASCII escapes, as browsers and most clients send a lone surrogate: "\\ud800"."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json", **(headers or {})})
+
+
+@pytest.mark.parametrize("form", ["texts", "items"])
+def test_invalid_unicode_is_422_naming_the_item(client: TestClient, form: str) -> None:
+    texts = [TEXTS[0], "ab\ud800c"]
+    body = ({"adapter": "lora", "texts": texts} if form == "texts"
+            else {"items": [{"adapter": "lora", "text": t} for t in texts]})
+    response = post_json(client, "/v1/classify", body)
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "invalid_text" and f"{form}[1]" in error["message"] and "U+D800" in error["message"]
+
+
+@pytest.mark.parametrize("text", ["", " ", "\t\n  ", "\u3000\u00a0"])
+def test_empty_or_whitespace_text_is_422(client: TestClient, text: str) -> None:
+    response = client.post("/v1/classify", json={"adapter": "lora", "texts": [TEXTS[0], TEXTS[1], text]})
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "empty_text" and "texts[2]" in error_of(response)["message"]
+    response = client.post("/v1/generate", json={"adapter": "lora", "prompts": [text]})
+    assert response.status_code == 422 and error_of(response)["code"] == "empty_text"
+
+
+def test_text_empty_after_its_adapters_cleaning_is_422(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client.app.state.registry.entries["lora"], "clean", "basic")  # strips HTML tags
+    response = client.post("/v1/classify", json={"adapter": "lora", "texts": [TEXTS[0], "<br> <p></p>"]})
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "text_failed" and "texts[1]" in error_of(response)["message"]
+    assert "empty after cleaning" in error_of(response)["message"]
+
+
+class PoisonTokenizer:
+    """The real tokenizer, but it raises on any text containing POISON (texts the door cannot tell apart)."""
+
+    POISON = "poison"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(self.POISON in t for t in ([texts] if isinstance(texts, str) else texts)):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return self.tokenizer(texts, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+def test_a_text_the_tokenizer_fails_on_fails_only_its_row(client: TestClient, expected: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = client.app.state.registry
+    monkeypatch.setattr(registry, "_tokenizer", PoisonTokenizer(registry._tokenizer))
+    rows = [("lora", TEXTS[0]), ("lora-b", "a poison text"), ("ia3", TEXTS[1]), ("lora", TEXTS[2])]
+    results = registry.classify(rows)
+    assert isinstance(results[1], TextError) and "TypeError" in str(results[1])
+    for (name, text), result in zip(rows, results):
+        if result is not results[1]:
+            assert isinstance(result, dict), result
+            assert_matches({**result, "text": text}, expected, name, text)
+    items = [{"adapter": a, "text": t} for a, t in rows]
+    response = client.post("/v1/classify", json={"items": items})
+    assert response.status_code == 422 and error_of(response)["code"] == "text_failed"
+    assert "items[1]" in error_of(response)["message"]
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
+    def run(rows: list[tuple[str, str]]) -> list[Any]:
+        if any(text == "bad" for _, text in rows):
+            raise RuntimeError("one request broke the whole pass")
+        return [{"row": r} for r in rows]
+
+    batcher = BatchQueue(run, window_s=0.3, max_rows=100)
+    batcher.start()
+    try:
+        futures = [batcher.submit([("a", f"t{i}")]) for i in range(2)] + [batcher.submit([("a", "bad")])]
+        futures.append(batcher.submit([("a", "t9")]))
+        good = [futures[i].result(timeout=5) for i in (0, 1, 3)]
+        with pytest.raises(RuntimeError, match="broke"):
+            futures[2].result(timeout=5)
+    finally:
+        batcher.close()
+    assert good == [[{"row": ("a", "t0")}], [{"row": ("a", "t1")}], [{"row": ("a", "t9")}]]
+
+
+def test_poisoning_client_fails_no_valid_request(client: TestClient, expected: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 clients x 20 valid requests while one client keeps sending texts that must fail alone."""
+    registry, batcher = client.app.state.registry, client.app.state.batcher
+    monkeypatch.setattr(registry, "_tokenizer", PoisonTokenizer(registry._tokenizer))
+    monkeypatch.setattr(batcher, "window_s", 0.02)  # a wider window: poison and valid rows share batches
+    poisons = ["ab\ud800c", "", "   ", "\n\t", "\udfff", "a poison text that passes the door"]
+    failures: list[str] = []
+    poison_statuses: list[int] = []
+    done = threading.Event()
+
+    def valid(seed: int) -> None:
+        rng = random.Random(seed)
+        for number in range(20):
+            items = [{"adapter": rng.choice(GOOD), "text": rng.choice(TEXTS)} for _ in range(rng.randint(1, 3))]
+            response = client.post("/v1/classify", json={"items": items})
+            try:
+                assert response.status_code == 200, response.text
+                for item, result in zip(items, response.json()["results"]):
+                    assert_matches(result, expected, item["adapter"], item["text"])
+            except AssertionError as exc:
+                failures.append(f"client {seed} request {number}: {exc}")
+
+    def poisoner() -> None:
+        rng = random.Random(-1)
+        while not done.is_set():
+            items = [{"adapter": rng.choice(GOOD), "text": rng.choice(poisons)}]
+            poison_statuses.append(post_json(client, "/v1/classify", {"items": items}).status_code)
+
+    threads = [threading.Thread(target=valid, args=(i,)) for i in range(8)]
+    bad = threading.Thread(target=poisoner)
+    bad.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    bad.join()
+    assert not failures, (len(failures), failures[:3])
+    assert poison_statuses and set(poison_statuses) == {422}, sorted(set(poison_statuses))
+
+
 # -- loading
 
 def test_load_and_unload(client: TestClient, expected: dict[str, Any]) -> None:
@@ -278,7 +417,7 @@ def test_load_and_unload(client: TestClient, expected: dict[str, Any]) -> None:
 
 def test_lru_keeps_at_most_max_loaded(tiny_bert: Path, adapters_dir: Path, expected: dict[str, Any]) -> None:
     app = create_app(str(tiny_bert), adapters_dir, eager=False, max_loaded=2, batch_window_ms=0)
-    with TestClient(app) as lru:
+    with local_client(app) as lru:
         wait_ready(lru)
 
         def loaded() -> set[str]:
@@ -329,7 +468,15 @@ def test_page_and_docs(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "peftlab serve" in page.text and "/v1/classify" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text  # FastAPI's default loads from a CDN
+    urls = re.findall(r'(?:href|src)="([^"]+)"', docs.text)
+    assert {u.rsplit("/", 1)[-1] for u in urls} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    for url in urls:  # every file /docs names is served here, without the API key too (see test_api_key)
+        response = client.get(url)
+        assert response.status_code == 200 and len(response.content) > 500, url
+    assert client.get("/redoc").status_code == 404  # FastAPI's ReDoc page would load from a CDN
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/classify", "/v1/generate", "/v1/adapters", "/health"} <= set(paths)
 
@@ -393,7 +540,7 @@ def test_generate_with_causal_lm_adapters(tmp_path: Path) -> None:
 
     prompts = ["the movie was", "great"]
     app = create_app(str(base), adapters, eager=False)
-    with TestClient(app) as causal:
+    with local_client(app) as causal:
         wait_ready(causal)
         for name in ("lora", "prompt"):
             response = causal.post("/v1/generate", json={"adapter": name, "prompts": prompts, "max_new_tokens": 5})
