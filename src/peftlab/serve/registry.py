@@ -646,7 +646,9 @@ class AdapterRegistry:
 
 def _check_load_result(entry: AdapterEntry, result: Any, prompt_learning: bool) -> None:
     """Refuse an adapter whose weights file lacks keys its config implies, or holds keys no module takes."""
-    missing = list(result.missing_keys)  # peft keeps only this adapter's own keys here
+    # peft keeps only this adapter's own keys in missing_keys, named with peft's adapter name inserted
+    # (`lora_B.peftlab_3.weight`); the file names them without it.
+    missing = [k.replace(f".{entry.peft_name}", "") for k in result.missing_keys]
     # peft loads a prompt-learning adapter's prompt_embeddings itself, beside load_state_dict: not unexpected.
     unexpected = [k for k in result.unexpected_keys if not (prompt_learning and k == "prompt_embeddings")]
     if missing or unexpected:
