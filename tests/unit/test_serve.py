@@ -750,6 +750,7 @@ def test_serve_sets_uvicorn_limits_and_guards_non_loopback_hosts(tiny_bert: Path
     settings = calls[0]
     assert settings["host"] == "127.0.0.1" and settings["timeout_keep_alive"] == 5
     assert settings["h11_max_incomplete_event_size"] == 16 * 1024 and settings["limit_concurrency"] == 256
+    assert settings["http"].__name__ == "HeaderTimeoutH11Protocol"
     with pytest.raises(ConfigError, match="--api-key"):  # reachable from other machines: a key is required
         serve(str(tiny_bert), adapters_dir, host="0.0.0.0")
     serve(str(tiny_bert), adapters_dir, host="192.168.7.7", api_key=KEY)
@@ -888,3 +889,27 @@ def test_skeletons_share_the_base_tensors(client: TestClient) -> None:
     base = [p for n, p in group.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
             and "classifier" not in n]
     assert base and all(p.data_ptr() in shared and not p.requires_grad for p in base)
+
+
+def test_connections_whose_headers_never_complete_are_closed(tiny_bert: Path, adapters_dir: Path) -> None:
+    import socket
+
+    from serve_helpers import RunningServer
+
+    from peftlab.serve.app import header_timeout_protocol
+
+    app = create_app(str(tiny_bert), adapters_dir)  # its own app: a server runs the app's startup and shutdown
+    with RunningServer(app, http=header_timeout_protocol(0.2)) as running:
+        def closed_by_server(sent: bytes) -> bool:
+            with socket.create_connection(("127.0.0.1", running.port), timeout=30) as sock:
+                sock.sendall(sent)
+                try:
+                    return sock.recv(1024) == b""  # EOF: the server hung up without answering
+                except TimeoutError:
+                    return False
+
+        assert closed_by_server(b"")  # connected, then silence
+        assert closed_by_server(b"GET /health HTTP/1.1\r\nHost: local")  # headers that never end (slowloris)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=30) as sock:  # a whole request is served
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert sock.recv(1024).startswith(b"HTTP/1.1 200")

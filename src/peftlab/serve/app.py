@@ -600,6 +600,49 @@ def _version() -> str:
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after 5 s: browsers reconnect cheaply
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers (h11): a bearer token and a browser's headers fit 10x over
 MAX_CONNECTIONS = 256  # connections + requests in flight; beyond, uvicorn answers 503 at once, not a queue
+HEADER_TIMEOUT_S = 10.0  # a request line + headers must arrive within 10 s of their first byte (or of connecting)
+
+
+def header_timeout_protocol(timeout_s: float = HEADER_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's headers, which uvicorn does not have.
+
+    Without it a client that connects and sends nothing, or drips its headers a byte at a time
+    (slowloris), holds its connection -- and one of ``MAX_CONNECTIONS`` -- for ever. The keep-alive
+    timeout covers only the wait between two requests, and uvicorn cancels it on the first byte.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):  # type: ignore[misc]
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:  # a request begun, its headers not complete yet
+                if self._header_timer is None:
+                    self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+            else:
+                self._cancel_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
 
 
 def serve(base: str, adapters_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, eager: bool = False,
@@ -642,4 +685,5 @@ def serve(base: str, adapters_dir: Path, *, host: str = "127.0.0.1", port: int =
     names = json.dumps(sorted(app.state.registry.entries))
     logger.info("serving adapters %s on http://%s:%d (docs at /docs)", names, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
-                h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONNECTIONS)
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES, limit_concurrency=MAX_CONNECTIONS,
+                http=header_timeout_protocol())
