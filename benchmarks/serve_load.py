@@ -82,6 +82,16 @@ def start_server(adapters: Path, window_ms: float) -> tuple[subprocess.Popen, st
 POISONS = ["ab\ud800c", "\udfff", "", " ", "\t\n"]
 
 
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server; kill it if it has not exited 30 s after SIGTERM (e.g. a request still hanging)."""
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=30)
+
+
 def load(url: str, names: list[str], requests: int, clients: int, errors: list[str] | None = None) -> list[float]:
     """Send ``requests`` one-text requests from ``clients`` threads; return each request's latency in seconds.
 
@@ -160,8 +170,7 @@ def poisoning(root: Path, folders: list[Path], requests: int, clients: int, ever
             bad.join()
         wall = time.perf_counter() - started
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     return {"adapters": 16, "clients": clients, "valid_requests": requests, "failed_valid_requests": len(errors),
             "first_failure": errors[0] if errors else None, "requests_per_s": requests / wall,
             "poisoning_every_s": every_s, "poisoning_statuses": {str(k): v for k, v in sorted(statuses.items())}}
@@ -186,8 +195,7 @@ def case(root: Path, folders: list[Path], count: int, window_ms: float, requests
         after = httpx.get(f"{url}/health").json()
         rss = psutil.Process(server.pid).memory_info().rss
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     return {"adapters": count, "batch_window_ms": window_ms, "requests": requests, "clients": clients,
             "requests_per_s": requests / wall, "p50_ms": 1000 * statistics.median(latencies),
             "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],

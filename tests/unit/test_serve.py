@@ -1,4 +1,4 @@
-"""peftlab serve on a tiny random BERT: mixed-adapter batches, limits, errors, loading, LRU (seconds, offline)."""
+"""peftlab serve on a tiny random BERT: batches, limits, bad input, the door, adapter checks, LRU (offline, seconds)."""
 
 from __future__ import annotations
 

@@ -73,8 +73,8 @@ class ServeLimits:
     body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        bad = [f"{name} must be > 0 (got {getattr(self, name)!r})" for name in
-               ("max_texts", "max_chars", "max_body_bytes", "max_new_tokens", "timeout_s", "body_timeout_s") if not getattr(self, name) > 0]
+        names = ("max_texts", "max_chars", "max_body_bytes", "max_new_tokens", "timeout_s", "body_timeout_s")
+        bad = [f"{name} must be > 0 (got {getattr(self, name)!r})" for name in names if not getattr(self, name) > 0]
         if bad:
             raise ConfigError("invalid server limits: " + "; ".join(bad))
 
