@@ -91,14 +91,18 @@ def free_port() -> int:
 
 
 class RunningServer:
-    """A real uvicorn server for ``app`` on 127.0.0.1 in a background thread; a context manager."""
+    """A real uvicorn server for ``app`` on 127.0.0.1 in a background thread; a context manager.
 
-    def __init__(self, app: Any, ready_timeout: float = 300.0) -> None:
+    ``config``: more ``uvicorn.Config`` settings (e.g. ``http=`` a protocol class).
+    """
+
+    def __init__(self, app: Any, ready_timeout: float = 300.0, **config: Any) -> None:
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    **config))
         self.ready_timeout = ready_timeout
         self._thread: Any = None
 

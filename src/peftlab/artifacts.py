@@ -34,8 +34,10 @@ MODEL_DIR = "model"  # a method's saved folder inside its run folder
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 MODEL_CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_PICKLE_FILE = "adapter_model.bin"  # older peft, or safe_serialization=False: loaded only on opt-in
 # Files that are the model itself. Tokenizer files are the base's, the same for every method, and not counted.
-WEIGHT_FILES = (ADAPTER_CONFIG_FILE, "adapter_model.safetensors", "adapter_model.bin", MODEL_CONFIG_FILE,
+WEIGHT_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ADAPTER_PICKLE_FILE, MODEL_CONFIG_FILE,
                 "model.safetensors", "model.safetensors.index.json")
 WEIGHT_SHARDS = "model-*-of-*.safetensors"  # save_pretrained splits a large model into these shards
 
@@ -227,7 +229,7 @@ def _saved_adapter_keys(folder: Path) -> set[str] | None:
     """The tensor names in the adapter's safetensors file (None for a pickle adapter, which is not inspected)."""
     from safetensors import safe_open
 
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / ADAPTER_WEIGHTS_FILE
     if not weights.is_file():
         return None
     try:

@@ -305,22 +305,30 @@ def export(
 def serve(
     base: Annotated[str, typer.Option(help="Base model alias or folder, loaded once and shared by every adapter.")],
     adapters: Annotated[Path, typer.Option(help="Folder whose subfolders are adapters (<name>/ or <method>/model/).")],
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to listen on; other than loopback it needs --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     eager: Annotated[bool, typer.Option("--eager/--lazy", help="Load adapters at startup, or on first use.")] = False,
     max_loaded: Annotated[int, typer.Option(min=0, help="Most adapters held in memory (least recently used unload); 0: no limit.")] = 32,
-    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long a request waits for others to share its forward pass.")] = 5.0,
+    batch_window_ms: Annotated[float, typer.Option(min=0.0, help="How long a request waits for others to share its forward pass (shorter than --request-timeout).")] = 5.0,
     max_texts: Annotated[int, typer.Option(min=1, help="Texts per request (more: 413).")] = 64,
     max_chars: Annotated[int, typer.Option(min=1, help="Characters per text (more: 422).")] = 4000,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Request body size (more: 413).")] = 1_000_000,
+    request_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request may wait for its result (then 504).")] = 60.0,
+    api_key: Annotated[Optional[str], typer.Option(envvar="PEFTLAB_API_KEY", show_envvar=True, help="Bearer token required on every endpoint but /health, / and /docs (admin load/unload included).")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="Host header name accepted besides localhost, 127.0.0.1, ::1 (repeatable; '*' any).")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="Browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable); none by default.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the base model folder's own Python code. Only for folders you trust.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle weights (.bin) for the base model and adapters.")] = False,
 ) -> None:
     """Serve many adapters on one shared base model over HTTP (docs at /docs, a try-it page at /)."""
     from peftlab.serve.app import ServeLimits
     from peftlab.serve.app import serve as run_server
 
-    limits = ServeLimits(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes)
+    limits = ServeLimits(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
+                         timeout_s=request_timeout)
     run_server(base, adapters, host=host, port=port, eager=eager, max_loaded=max_loaded,
-               batch_window_ms=batch_window_ms, limits=limits)
+               batch_window_ms=batch_window_ms, limits=limits, api_key=api_key, allowed_hosts=allowed_host or (),
+               cors_origins=cors_origin or (), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ process each method starts from the same state, its peak RSS is its own, and a d
 
 The parent hands the child a JSON spec (the resolved config, the method, the seed, the folder); the child
 prepares the same data and split (deterministic: same config, same seed), trains, and writes its
-:class:`RunResult` to the path in the spec. The parent alone writes ``result.json`` and the report.
+:class:`RunResult` to the path in the spec. The parent alone writes the method's result file and the report.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def test_concurrent_load_each_response_matches_its_request(server: RunningServer
     assert health["batches"] < REQUESTS, health
 
 
-def send_load(server: RunningServer, expected: dict[str, Any], numbers: range) -> list[str]:
+def send_load(server: RunningServer, expected: dict[str, Any], numbers: range, threads: int = THREADS) -> list[str]:
     failures: list[str] = []
     counter = iter(numbers)
     lock = threading.Lock()
@@ -114,10 +114,10 @@ def send_load(server: RunningServer, expected: dict[str, Any], numbers: range) -
                 except AssertionError as exc:
                     failures.append(f"request {number}: {exc}")
 
-    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
-    for thread in threads:
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in workers:
         thread.start()
-    for thread in threads:
+    for thread in workers:
         thread.join()
     return failures
 
@@ -158,7 +158,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: RunningServer
     # A chunked body (no Content-Length) over the limit, straight on the socket.
     chunk = b"a" * 8000
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
-    reply = raw_http(server.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    reply = raw_http(server.url, b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                                  b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     # Garbage that is not HTTP at all.
@@ -170,3 +170,43 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: RunningServer
     for text, result in zip(TEXTS, response.json()["results"]):
         check(result, expected, "ia3", text)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_poisoning_client_fails_no_valid_request(server: RunningServer, expected: dict[str, Any]) -> None:
+    """8 clients x 20 valid requests over HTTP while a ninth sends lone surrogates, empty and blank texts."""
+    import json
+
+    poisons = ["ab\ud800c", "\udfff", "", " ", "\t\n", "\u3000"]
+    done = threading.Event()
+    poison_statuses: list[int] = []
+
+    def poisoner() -> None:
+        rng = random.Random(-1)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            while not done.is_set():
+                body = {"items": [{"adapter": rng.choice(list(METHODS)), "text": rng.choice(poisons)},
+                                  {"adapter": "lora", "text": TEXTS[0]}]}
+                # json.dumps escapes the surrogate as \ud800, as a browser's JSON.stringify does
+                response = client.post("/v1/classify", content=json.dumps(body),
+                                       headers={"content-type": "application/json"})
+                poison_statuses.append(response.status_code)
+
+    bad = threading.Thread(target=poisoner)
+    bad.start()
+    try:
+        failures = send_load(server, expected, range(160), threads=8)
+    finally:
+        done.set()
+        bad.join()
+    assert not failures, (len(failures), failures[:3])
+    assert poison_statuses and set(poison_statuses) == {422}, sorted(set(poison_statuses))
+
+
+def test_host_and_origin_checks_over_the_socket(server: RunningServer) -> None:
+    # A DNS-rebinding page reaches 127.0.0.1 but its requests carry its own name as the Host.
+    reply = raw_http(server.url, b"GET /v1/adapters HTTP/1.1\r\nHost: rebind.example:8000\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400") and b"--allowed-host" in reply, reply[:300]
+    response = httpx.post(server.url + "/v1/adapters/lora/unload", headers={"origin": "http://evil.example"})
+    assert response.status_code == 403 and response.json()["error"]["code"] == "origin_not_allowed"
+    listed = {a["name"]: a for a in httpx.get(server.url + "/v1/adapters").json()["adapters"]}
+    assert listed["lora"]["loaded"]  # the refused unload did not run

@@ -57,3 +57,36 @@ def test_page_renders_every_adapter_side_by_side(server: Any, tmp_path: Path) ->
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1200, 900)
     assert len(data) > 20_000  # rendered content, not a blank page
+
+
+def test_docs_render_offline(server: Any) -> None:
+    # Swagger UI's script and CSS come from this server (swagger-ui-bundle-v2), not a CDN: it renders here,
+    # where no CDN is reachable. The operations appear only once the script ran and read /openapi.json.
+    dom = chromium("--dump-dom", f"{server.url}/docs")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'class="swagger-ui' in dom.stdout and "/v1/classify" in dom.stdout, dom.stdout[-3000:]
+    assert "/v1/adapters/{name}/load" in dom.stdout
+
+
+KEY = "page-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(server: Any, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from serve_helpers import RunningServer
+
+    from peftlab.serve.app import create_app
+
+    root = tmp_path_factory.mktemp("keyed_adapters")
+    make_adapter(tiny_bert, root / "lora", "lora", seed=0)
+    with RunningServer(create_app(str(tiny_bert), root, eager=True, api_key=KEY)) as running:
+        yield running
+
+
+def test_page_sends_the_api_key_from_the_fragment(keyed_server: Any) -> None:
+    url = f"{keyed_server.url}/?text={urllib.parse.quote(TEXT)}&run=1"
+    dom = chromium("--dump-dom", url + f"#key={KEY}")  # a fragment never reaches the server or its log
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-state="done"' in dom.stdout and 'data-adapter="lora"' in dom.stdout, dom.stdout[-3000:]
+    dom = chromium("--dump-dom", url)  # no key: the page says why instead of showing results
+    assert 'data-state="error"' in dom.stdout and "unauthorized" in dom.stdout, dom.stdout[-3000:]

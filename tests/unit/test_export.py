@@ -75,7 +75,7 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
     monkeypatch.setattr(sys, "argv", ["peftlab", *args])
     try:
         main()
-    except SystemExit as exc:  # main() exits only on errors
+    except SystemExit as exc:  # main() always exits with its code
         return int(exc.code or 0)
     return 0
 

@@ -50,6 +50,22 @@ class AdapterUnavailableError(AdapterError):
     """The adapter is registered but failed to load."""
 
 
+class InvalidAdapterError(AdapterUnavailableError):
+    """The adapter's files are unusable: damaged, pickle without opt-in, or weights that do not fit its config/base."""
+
+
+class TextError(PeftlabError):
+    """One text of a request cannot be classified (empty after cleaning, or the tokenizer/model failed on it).
+
+    Attributes:
+        index: the text's position within its request, once :class:`BatchQueue` knows it (else its batch row).
+    """
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class WrongTaskError(AdapterError):
     """The adapter exists but serves another task (a classifier asked to generate, or the reverse)."""
 
@@ -83,6 +99,7 @@ class AdapterEntry:
     base_model: str | None = None
     error: str | None = None
     broken: bool = False  # unusable as found on disk (no retry helps); `error` says why
+    out_of_memory: bool = False  # its last load failed for want of memory: the server's state, not its files
     loaded: bool = False
     last_used: float = 0.0
     peft_name: str = ""  # the name inside peft; see AdapterRegistry._register
@@ -188,14 +205,19 @@ class AdapterRegistry:
         device: torch device; default CUDA when available.
         dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16 or float16.
         max_batch_rows: texts per forward pass.
+        trust_remote_code: run the base model folder's own Python code (as ``model.trust_remote_code``).
+        allow_pickle: accept pickle weights (``.bin``) for the base and adapters (as ``model.allow_pickle``).
 
     Raises:
         AdapterError: ``adapters_dir`` holds no adapter.
     """
 
     def __init__(self, base: str, adapters_dir: Path, *, max_loaded: int = 32, device: str | None = None,
-                 dtype: str = "auto", max_batch_rows: int = 64) -> None:
+                 dtype: str = "auto", max_batch_rows: int = 64, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> None:
         self.base = base
+        self.trust_remote_code = trust_remote_code
+        self.allow_pickle = allow_pickle
         self.adapters_dir = adapters_dir
         self.max_loaded = max(0, int(max_loaded))
         self.max_batch_rows = max(1, int(max_batch_rows))
@@ -279,11 +301,13 @@ class AdapterRegistry:
         # The base's tokenizer; a bare weights folder falls back to the one saved with an adapter.
         with_tokenizer = [folder] + [e.folder for e in self.entries.values()]
         self._tokenizer = load_tokenizer(next((f for f in with_tokenizer if artifacts.has_tokenizer(f)),
-                                              folder))
+                                              folder), self.trust_remote_code)
         # One class is loaded; skeletons of the other task share its weights by name (heads aside).
         task = "classification" if any(e.task == "classification" for e in self.entries.values()) else "causal-lm"
         started = time.perf_counter()
+        # load_base_model runs check_model_folder: remote code and pickle weights need the same opt-ins as `run`.
         model = load_base_model(folder, task, ["0", "1"] if task == "classification" else None, dtype=self._dtype,
+                                trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
                                 pad_token_id=self._tokenizer.pad_token_id)
         model.to(self._device).eval().requires_grad_(False)
         self._config = model.config
@@ -306,6 +330,18 @@ class AdapterRegistry:
             raise UnknownAdapterError(f"unknown adapter {name!r}; available: {', '.join(sorted(self.entries))}")
         return entry
 
+    def classifier(self, name: str) -> AdapterEntry:
+        """The entry for ``name`` if it is a classifier (the one check of a classify row, at the door and per row).
+
+        Raises:
+            InvalidAdapterNameError, UnknownAdapterError: see :meth:`entry`.
+            WrongTaskError: ``name`` is a causal-LM adapter.
+        """
+        entry = self.entry(name)
+        if entry.task != "classification":
+            raise WrongTaskError(f"adapter {name!r} is a {entry.task} adapter, not a classifier; use /v1/generate")
+        return entry
+
     def adapters(self) -> list[dict[str, Any]]:
         """Every registered adapter's :meth:`AdapterEntry.info`, by name (no lock: answers during a batch)."""
         return [self.entries[n].info() for n in sorted(self.entries)]
@@ -319,7 +355,8 @@ class AdapterRegistry:
     def _loaded_count(self) -> int:
         return sum(e.loaded for e in self.entries.values())
 
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
+        """Raise :class:`NotReadyError` (with the reason) unless the base model is loaded."""
         if self.state != "ready":
             raise NotReadyError(self.error or "the server is loading its base model; retry shortly")
 
@@ -332,7 +369,7 @@ class AdapterRegistry:
             AdapterUnavailableError: it failed to load (the error is kept on its entry).
         """
         entry = self.entry(name)
-        self._require_ready()
+        self.require_ready()
         with self._lock:
             if not entry.loaded:
                 if not entry.broken:
@@ -343,7 +380,7 @@ class AdapterRegistry:
     def unload(self, name: str) -> dict[str, Any]:
         """Drop adapter ``name`` from memory (it stays registered and loads again on use)."""
         entry = self.entry(name)
-        self._require_ready()
+        self.require_ready()
         with self._lock:
             if entry.loaded:
                 self._unload(entry)
@@ -354,35 +391,56 @@ class AdapterRegistry:
         if entry.loaded:
             return
         if entry.error is not None:
-            raise AdapterUnavailableError(f"adapter {entry.name!r} failed to load: {entry.error}")
+            kind = AdapterUnavailableError if entry.out_of_memory else InvalidAdapterError
+            raise kind(f"adapter {entry.name!r} failed to load: {entry.error}")
         self._evict(keep | {entry.name})
         try:
+            self._check_files(entry)
             self._load_into_group(entry)
         except Exception as exc:  # peft/torch raise many kinds; one bad adapter must not stop the others
             logger.warning("adapter %s (%s) failed to load: %s", entry.name, entry.folder, exc,
                            exc_info=logger.isEnabledFor(logging.DEBUG))
-            entry.error = f"{type(exc).__name__}: {exc}"[:500]
-            raise AdapterUnavailableError(f"adapter {entry.name!r} failed to load: {entry.error}") from None
+            entry.error = (str(exc) if isinstance(exc, InvalidAdapterError) else f"{type(exc).__name__}: {exc}")[:500]
+            # Out of memory is the server's state, not the adapter's fault: retrying later may work (500).
+            # Anything else raised while reading and attaching its files means the files are unusable (422).
+            entry.out_of_memory = _is_out_of_memory(exc)
+            kind = AdapterUnavailableError if entry.out_of_memory else InvalidAdapterError
+            raise kind(f"adapter {entry.name!r} failed to load: {entry.error}") from None
         entry.loaded = True
         logger.info("adapter %s loaded (%s, %d held)", entry.name, entry.method, self._loaded_count())
 
-    def _load_into_group(self, entry: AdapterEntry) -> None:
-        from peft import PeftModel
+    def _check_files(self, entry: AdapterEntry) -> None:
+        names = {p.name for p in entry.folder.iterdir()}
+        pickled = artifacts.ADAPTER_PICKLE_FILE in names and artifacts.ADAPTER_WEIGHTS_FILE not in names
+        if pickled and not self.allow_pickle:
+            raise InvalidAdapterError(f"{entry.folder} stores its weights as pickle ({artifacts.ADAPTER_PICKLE_FILE}), "
+                                      f"which can run "
+                                      f"arbitrary code when loaded. Re-save it with safe_serialization=True, or if you "
+                                      f"trust it start the server with --allow-pickle")
 
+    def _load_into_group(self, entry: AdapterEntry) -> None:
+        from peft import PeftConfig, get_peft_model
+
+        folder = str(entry.folder)
         group = self._groups.get(entry.group_key)
+        new_group = group is None
         if group is None:
-            skeleton = self._skeleton(entry.task, len(entry.labels))
-            model = PeftModel.from_pretrained(skeleton, str(entry.folder), adapter_name=entry.peft_name)
+            # get_peft_model + load_adapter rather than PeftModel.from_pretrained: only load_adapter returns the
+            # missing / unexpected keys (from_pretrained just warns and serves random weights for missing ones).
+            config = PeftConfig.from_pretrained(folder)
+            config.inference_mode = True
+            model = get_peft_model(self._skeleton(entry.task, len(entry.labels)), config,
+                                   adapter_name=entry.peft_name)
             group = _Group(model=model, mixable=entry.mixable)
-            self._groups[entry.group_key] = group
-        else:
-            try:
-                group.model.load_adapter(str(entry.folder), adapter_name=entry.peft_name)
-            except Exception:
-                # peft injects the adapter's layers before reading its weights: drop the half-made adapter.
-                if entry.peft_name in group.model.peft_config:
-                    group.model.delete_adapter(entry.peft_name)
-                raise
+        try:
+            _check_load_result(entry, group.model.load_adapter(folder, adapter_name=entry.peft_name),
+                               group.model.peft_config[entry.peft_name].is_prompt_learning)
+        except Exception:
+            # peft injects the adapter's layers before reading its weights: drop the half-made adapter.
+            if not new_group and entry.peft_name in group.model.peft_config:
+                group.model.delete_adapter(entry.peft_name)
+            raise
+        self._groups[entry.group_key] = group
         group.model.to(self._device)  # moves only the new adapter weights: base tensors are there already
         group.model.eval()
         group.members.append(entry.name)
@@ -416,6 +474,7 @@ class AdapterRegistry:
         import copy
 
         import torch
+        from accelerate.utils import set_module_tensor_to_device
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         config = copy.deepcopy(self._config)
@@ -426,21 +485,27 @@ class AdapterRegistry:
         model_class = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
         with torch.device("meta"):
             model = model_class.from_config(config, dtype=self._dtype)
+        model.requires_grad_(False)  # frozen like the base; set_module_tensor_to_device keeps the flag
         missing = []
-        for name, tensor in chain(model.named_parameters(remove_duplicate=False),
-                                  model.named_buffers(remove_duplicate=False)):
+        for name, tensor in list(chain(model.named_parameters(remove_duplicate=False),
+                                       model.named_buffers(remove_duplicate=False))):
             shared = self._shared.get(name)
             if shared is not None and shared.shape == tensor.shape:
-                _set_tensor(model, name, shared)
+                # Same device and dtype: the skeleton gets the base's very storage, not a copy.
+                set_module_tensor_to_device(model, name, self._device, value=shared)
             else:
-                missing.append((name, tensor))
+                missing.append(name)
         model.tie_weights()  # a causal LM's output layer may be the (now shared) input embeddings
-        for name, tensor in missing:
-            if not _get_tensor(model, name).is_meta:
+        current = dict(chain(model.named_parameters(remove_duplicate=False),
+                             model.named_buffers(remove_duplicate=False)))
+        for name in missing:
+            tensor = current[name]
+            if not tensor.is_meta:
                 continue
             if task == "classification" and name.split(".")[0] in CLASSIFIER_HEADS:
                 # Never used for an adapter's rows: each adapter's head is in its modules_to_save.
-                _set_tensor(model, name, torch.zeros(tensor.shape, dtype=tensor.dtype, device=self._device))
+                set_module_tensor_to_device(model, name, self._device,
+                                            value=torch.zeros(tensor.shape, dtype=tensor.dtype))
             else:
                 raise AdapterError(f"the base model was loaded for another task and has no weight {name} for a "
                                    f"{task} model; serve {task} adapters from a separate server")
@@ -452,9 +517,10 @@ class AdapterRegistry:
         """Classify ``(adapter, text)`` rows; rows of all adapters share forward passes where peft allows.
 
         Returns:
-            Per row, a dict (adapter, label, score, probabilities) or the exception that row failed with.
+            Per row, a dict (adapter, label, score, probabilities) or the exception that row failed with: an
+            :class:`AdapterError`, or a :class:`TextError` for a text the tokenizer or model failed on alone.
         """
-        self._require_ready()
+        self.require_ready()
         results: list[dict[str, Any] | Exception | None] = [None] * len(rows)
         by_name: dict[str, list[int]] = {}
         for index, (name, _) in enumerate(rows):
@@ -468,10 +534,7 @@ class AdapterRegistry:
                 runnable = []
                 for name in chunk:
                     try:
-                        entry = self.entry(name)
-                        if entry.task != "classification":
-                            raise WrongTaskError(f"adapter {name!r} is a {entry.task} adapter, not a classifier; "
-                                                 f"use /v1/generate")
+                        entry = self.classifier(name)
                         self._ensure_loaded(entry, keep=set(chunk))
                         runnable.append(entry)
                     except AdapterError as exc:
@@ -493,26 +556,50 @@ class AdapterRegistry:
 
     def _run_rows(self, model: Any, indices: list[int], rows: Sequence[tuple[str, str]],
                   results: list[Any], mixed: bool) -> None:
+        from peftlab.data import clean_text
+
+        runnable = []
+        for index in indices:
+            entry = self.entries[rows[index][0]]
+            if clean_text(rows[index][1], entry.clean):
+                runnable.append(index)
+            else:  # training drops such rows: no adapter has learnt a label for them
+                results[index] = TextError(f"the text is empty after cleaning (adapter {entry.name!r} cleans with "
+                                           f"{entry.clean!r}): remove it", index)
+        # Longest first, as the predictor does: similar lengths share a pass (less padding).
+        order = sorted(runnable, key=lambda i: -len(rows[i][1]))
+        for start in range(0, len(order), self.max_batch_rows):
+            batch = order[start:start + self.max_batch_rows]
+            try:
+                self._forward(model, batch, rows, results, mixed)
+            except Exception as exc:  # one bad text must not fail its batch mates: each row again, alone
+                if len(batch) == 1:
+                    logger.warning("classifying one text failed: %s", exc, exc_info=True)
+                    results[batch[0]] = TextError(f"the tokenizer or model failed on this text ({type(exc).__name__}: "
+                                                  f"{str(exc)[:200]})", batch[0])
+                    continue
+                logger.info("a shared forward pass of %d rows failed (%s); running each row alone", len(batch), exc)
+                for index in batch:
+                    self._run_rows(model, [index], rows, results, mixed)
+
+    def _forward(self, model: Any, batch: list[int], rows: Sequence[tuple[str, str]], results: list[Any],
+                 mixed: bool) -> None:
         import torch
 
         from peftlab.evaluate import softmax
 
-        # Longest first, as the predictor does: similar lengths share a pass (less padding).
-        order = sorted(indices, key=lambda i: -len(rows[i][1]))
-        for start in range(0, len(order), self.max_batch_rows):
-            batch = order[start:start + self.max_batch_rows]
-            inputs = self._encode([(self.entries[rows[i][0]], rows[i][1]) for i in batch])
-            kwargs = {"adapter_names": [self.entries[rows[i][0]].peft_name for i in batch]} if mixed else {}
-            with torch.inference_mode():
-                logits = model(**inputs, **kwargs).logits
-            self.forward_passes += 1
-            probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
-            for index, row in zip(batch, probabilities):
-                entry = self.entries[rows[index][0]]
-                entry.last_used = time.monotonic()
-                best = int(row.argmax())
-                results[index] = {"adapter": entry.name, "label": entry.labels[best], "score": float(row[best]),
-                                  "probabilities": {n: float(p) for n, p in zip(entry.labels, row)}}
+        inputs = self._encode([(self.entries[rows[i][0]], rows[i][1]) for i in batch])
+        kwargs = {"adapter_names": [self.entries[rows[i][0]].peft_name for i in batch]} if mixed else {}
+        with torch.inference_mode():
+            logits = model(**inputs, **kwargs).logits
+        self.forward_passes += 1
+        probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
+        for index, row in zip(batch, probabilities):
+            entry = self.entries[rows[index][0]]
+            entry.last_used = time.monotonic()
+            best = int(row.argmax())
+            results[index] = {"adapter": entry.name, "label": entry.labels[best], "score": float(row[best]),
+                              "probabilities": {n: float(p) for n, p in zip(entry.labels, row)}}
 
     def _encode(self, items: list[tuple[AdapterEntry, str]]) -> Any:
         """Tokenise texts, each cleaned and truncated as its adapter was trained, padded together."""
@@ -541,7 +628,7 @@ class AdapterRegistry:
         entry = self.entry(name)
         if entry.task != "causal-lm":
             raise WrongTaskError(f"adapter {name!r} is not a causal LM adapter (task {entry.task}); use /v1/classify")
-        self._require_ready()
+        self.require_ready()
         with self._lock:
             self._ensure_loaded(entry, keep={name})
             model = self._groups[entry.group_key].model
@@ -553,23 +640,25 @@ class AdapterRegistry:
         return texts
 
 
-def _get_tensor(model: Any, name: str) -> Any:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    return getattr(module, attr)
+def _check_load_result(entry: AdapterEntry, result: Any, prompt_learning: bool) -> None:
+    """Refuse an adapter whose weights file lacks keys its config implies, or holds keys no module takes."""
+    # peft keeps only this adapter's own keys in missing_keys, named with peft's adapter name inserted
+    # (`lora_B.peftlab_3.weight`); the file names them without it.
+    missing = [k.replace(f".{entry.peft_name}", "") for k in result.missing_keys]
+    # peft loads a prompt-learning adapter's prompt_embeddings itself, beside load_state_dict: not unexpected.
+    unexpected = [k for k in result.unexpected_keys if not (prompt_learning and k == "prompt_embeddings")]
+    if missing or unexpected:
+        parts = [f"{label} keys {keys[:5]}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise InvalidAdapterError(f"the adapter weights in {entry.folder} do not match its {artifacts.ADAPTER_CONFIG_FILE} "
+                                  f"({'; '.join(parts)}); it would serve with random or ignored weights. Re-save "
+                                  f"the adapter with peft's save_pretrained")
 
 
-def _set_tensor(model: Any, name: str, value: Any) -> None:
+def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attr in module._parameters:
-        # A new Parameter object over the same storage: the memory is shared, not copied.
-        module._parameters[attr] = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(
-            value, requires_grad=False)
-    else:
-        module._buffers[attr] = value
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 @dataclass
@@ -657,18 +746,37 @@ class BatchQueue:
         self.batches += 1
         try:
             results = self._run([row for job in jobs for row in job.rows])
-        except Exception as exc:  # reported to every waiting request; the worker keeps serving
+        except Exception as exc:
+            if len(jobs) > 1:  # one request's failure must not fail the others: each request again, alone
+                logger.info("a batch of %d requests failed (%s); running each request alone", len(jobs), exc)
+                for job in jobs:
+                    self._run_alone(job)
+                return
             if not isinstance(exc, PeftlabError):
                 logger.exception("batch of %d requests failed", len(jobs))
-            for job in jobs:
-                job.future.set_exception(exc)
+            jobs[0].future.set_exception(exc)
             return
         start = 0
         for job in jobs:
-            mine = results[start:start + len(job.rows)]
+            self._resolve(job, results[start:start + len(job.rows)])
             start += len(job.rows)
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(mine)
+
+    def _run_alone(self, job: _Job) -> None:
+        try:
+            results = self._run(job.rows)
+        except Exception as exc:  # reported to this request only; the worker keeps serving
+            if not isinstance(exc, PeftlabError):
+                logger.exception("a request of %d rows failed", len(job.rows))
+            job.future.set_exception(exc)
+            return
+        self._resolve(job, results)
+
+    @staticmethod
+    def _resolve(job: _Job, results: list[Any]) -> None:
+        for index, result in enumerate(results):
+            if isinstance(result, Exception):
+                if isinstance(result, TextError):
+                    result.index = index  # its position in this request, for the message
+                job.future.set_exception(result)
+                return
+        job.future.set_result(results)
