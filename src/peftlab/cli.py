@@ -65,6 +65,8 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run: keep finished methods, resume the last from its checkpoint.")] = False,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names to run (default: all).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Train every method N times, at seeds training.seed, "
+                                                             "+1, ...; the report gives mean ± std (sets training.seeds).")] = None,
 ) -> None:
     """Train and evaluate every method in CONFIG, then write the report."""
     from peftlab.config import load_config
@@ -77,6 +79,9 @@ def run(
         if not selected:
             raise typer.BadParameter(f"{methods!r} names no method; give e.g. --methods full,lora", param_hint="--methods")
     cfg = load_config(config, set_)
+    if seeds is not None:
+        first = cfg.training.seed
+        cfg = load_config(config, [*(set_ or []), f"training.seeds=[{', '.join(str(first + i) for i in range(seeds))}]"])
     run_dir = output or default_run_dir(cfg, config)
     experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
     render_results_console(experiment)

@@ -182,3 +182,27 @@ def test_resume_refuses_a_changed_config(tmp_path: Path, tiny_bert: Path, review
 def test_unknown_method_selection_is_a_config_error(tmp_path: Path, tiny_bert: Path, reviews_csv: Path) -> None:
     with pytest.raises(ConfigError, match="not in this config"):
         run_experiment(experiment(tiny_bert, reviews_csv, ["lora"]), tmp_path / "x", methods=["dora"])
+
+
+def test_seeds_train_each_method_once_per_seed(tmp_path: Path, tiny_bert: Path, reviews_csv: Path) -> None:
+    config = experiment(tiny_bert, reviews_csv, [{"method": "lora", "learning_rate": 1e-2}], epochs=1,
+                        seeds=[42, 43], method_process=False)
+    result = run_experiment(config, tmp_path / "s")
+    assert [(r.name, r.seed, r.status) for r in result.runs] == [("lora", 42, "ok"), ("lora", 43, "ok")]
+    # the first seed's folder is the method's own (what predict uses); the others sit below it
+    assert [r.output_dir for r in result.runs] == ["lora/model", "lora/seeds/43/model"]
+    assert (tmp_path / "s" / "lora" / "seeds" / "43" / "result.json").is_file()
+    assert result.runs[0].test_metrics != result.runs[1].test_metrics  # other seeds, other heads
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())["statistics"]
+    lora = next(m for m in saved["methods"] if m["name"] == "lora")
+    assert lora["seeds"] == [42, 43] and len(lora["per_seed"]["f1_macro"]) == 2 and lora["std"]["f1_macro"] is not None
+    assert "mean of 2" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_each_method_in_its_own_process_gives_the_in_process_numbers(tmp_path: Path, tiny_bert: Path,
+                                                                        reviews_csv: Path) -> None:
+    methods = [{"method": "lora", "learning_rate": 1e-2}]
+    child = run_experiment(experiment(tiny_bert, reviews_csv, methods, epochs=1), tmp_path / "child")
+    here = run_experiment(experiment(tiny_bert, reviews_csv, methods, epochs=1, method_process=False), tmp_path / "here")
+    assert child.runs[0].test_metrics == pytest.approx(here.runs[0].test_metrics, abs=1e-6)
+    assert child.runs[0].peak_rss_bytes > 0
