@@ -20,7 +20,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from peftlab.errors import ConfigError  # noqa: E402
 from peftlab.serve.app import ServeLimits, create_app  # noqa: E402
-from peftlab.serve.registry import BatchQueue, InvalidAdapterNameError, TextError, check_adapter_name  # noqa: E402
+from peftlab.serve.batching import BatchQueue  # noqa: E402
+from peftlab.serve.discovery import check_adapter_name  # noqa: E402
+from peftlab.serve.errors import InvalidAdapterNameError, TextError  # noqa: E402
 
 TEXTS = ["the movie was great", "awful plot and dull acting", "a very very fine story it was", "ok",
          "the film was really quite boring"]
@@ -103,9 +105,9 @@ def test_registers_adapters_and_skips_full_models_and_bad_names(client: TestClie
 
 def test_full_model_folder_is_skipped_with_a_note(tiny_bert: Path, adapters_dir: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    from peftlab.serve.registry import discover_adapters
+    from peftlab.serve.discovery import discover_adapters
 
-    with caplog.at_level(logging.INFO, logger="peftlab.serve.registry"):
+    with caplog.at_level(logging.INFO, logger="peftlab.serve.discovery"):
         names = [e.name for e in discover_adapters(adapters_dir)]
     assert "full" not in names and "lora" in names
     assert any("full model" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
@@ -716,7 +718,7 @@ def test_limits_must_be_positive() -> None:
 def test_a_body_that_does_not_arrive_in_time_is_408() -> None:
     import asyncio
 
-    from peftlab.serve.app import _BodyLimit
+    from peftlab.serve.door import BodyLimit as _BodyLimit
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("the app must not be reached")
@@ -898,7 +900,7 @@ def test_connections_whose_headers_never_complete_are_closed(tiny_bert: Path, ad
 
     from serve_helpers import RunningServer
 
-    from peftlab.serve.app import header_timeout_protocol
+    from peftlab.serve.door import header_timeout_protocol
 
     app = create_app(str(tiny_bert), adapters_dir)  # its own app: a server runs the app's startup and shutdown
     with RunningServer(app, http=header_timeout_protocol(0.2)) as running:

@@ -1,0 +1,152 @@
+"""Classify and generate with the adapters of an :class:`~peftlab.serve.store.AdapterStore`.
+
+Inside a group of plain LoRA adapters, rows for different adapters share one forward pass (peft's
+``adapter_names``). Other methods (DoRA, IA3, LoHa, prompt learning, ...) run one forward pass per adapter after
+``set_adapter``: peft 0.21 silently *accepts* ``adapter_names`` for IA3 and prompt tuning and ignores it -- every
+row would get the active adapter's result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+from peftlab.errors import AdapterError
+from peftlab.serve.discovery import AdapterEntry
+from peftlab.serve.errors import TextError, WrongTaskError
+from peftlab.serve.store import AdapterStore
+
+logger = logging.getLogger(__name__)
+
+
+def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[str, Any] | Exception]:
+    """Classify ``(adapter, text)`` rows with ``store``'s adapters; rows of all adapters share forward passes
+    where peft allows.
+
+    Returns:
+        Per row, a dict (adapter, label, score, probabilities) or the exception that row failed with: an
+        :class:`AdapterError`, or a :class:`TextError` for a text the tokenizer or model failed on alone.
+    """
+    store.require_ready()
+    results: list[dict[str, Any] | Exception | None] = [None] * len(rows)
+    by_name: dict[str, list[int]] = {}
+    for index, (name, _) in enumerate(rows):
+        by_name.setdefault(name, []).append(index)
+    names = list(by_name)
+    # More distinct adapters than may be held: take them in chunks, each fully loaded while it runs.
+    step = store.max_loaded or len(names)
+    with store.lock:
+        for start in range(0, len(names), step):
+            chunk = names[start:start + step]
+            runnable = []
+            for name in chunk:
+                try:
+                    entry = store.classifier(name)
+                    store.ensure_loaded(entry, keep=set(chunk))
+                    runnable.append(entry)
+                except AdapterError as exc:
+                    for index in by_name[name]:
+                        results[index] = exc
+            by_group: dict[tuple[str, str, bool, int], list[AdapterEntry]] = {}
+            for entry in runnable:
+                by_group.setdefault(entry.group_key, []).append(entry)
+            for entries in by_group.values():
+                group = store.group(entries[0])
+                if group.mixable:
+                    _run_rows(store, group.model, [i for e in entries for i in by_name[e.name]], rows, results,
+                              mixed=True)
+                    continue
+                for entry in entries:
+                    group.model.set_adapter(entry.peft_name)
+                    _run_rows(store, group.model, by_name[entry.name], rows, results, mixed=False)
+    return results  # type: ignore[return-value]
+
+
+def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequence[tuple[str, str]],
+              results: list[Any], mixed: bool) -> None:
+    from peftlab.data import clean_text
+
+    runnable = []
+    for index in indices:
+        entry = store.entries[rows[index][0]]
+        if clean_text(rows[index][1], entry.clean):
+            runnable.append(index)
+        else:  # training drops such rows: no adapter has learnt a label for them
+            results[index] = TextError(f"the text is empty after cleaning (adapter {entry.name!r} cleans with "
+                                       f"{entry.clean!r}): remove it", index)
+    # Longest first, as the predictor does: similar lengths share a pass (less padding).
+    order = sorted(runnable, key=lambda i: -len(rows[i][1]))
+    for start in range(0, len(order), store.max_batch_rows):
+        batch = order[start:start + store.max_batch_rows]
+        try:
+            _forward(store, model, batch, rows, results, mixed)
+        except Exception as exc:  # one bad text must not fail its batch mates: each row again, alone
+            if len(batch) == 1:
+                logger.warning("classifying one text failed: %s", exc, exc_info=True)
+                results[batch[0]] = TextError(f"the tokenizer or model failed on this text ({type(exc).__name__}: "
+                                              f"{str(exc)[:200]})", batch[0])
+                continue
+            logger.info("a shared forward pass of %d rows failed (%s); running each row alone", len(batch), exc)
+            for index in batch:
+                _run_rows(store, model, [index], rows, results, mixed)
+
+
+def _forward(store: AdapterStore, model: Any, batch: list[int], rows: Sequence[tuple[str, str]],
+             results: list[Any], mixed: bool) -> None:
+    import torch
+
+    from peftlab.evaluate import softmax
+
+    inputs = _encode(store, [(store.entries[rows[i][0]], rows[i][1]) for i in batch])
+    kwargs = {"adapter_names": [store.entries[rows[i][0]].peft_name for i in batch]} if mixed else {}
+    with torch.inference_mode():
+        logits = model(**inputs, **kwargs).logits
+    store.forward_passes += 1
+    probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
+    for index, row in zip(batch, probabilities):
+        entry = store.entries[rows[index][0]]
+        entry.last_used = time.monotonic()
+        best = int(row.argmax())
+        results[index] = {"adapter": entry.name, "label": entry.labels[best], "score": float(row[best]),
+                          "probabilities": {n: float(p) for n, p in zip(entry.labels, row)}}
+
+
+def _encode(store: AdapterStore, items: list[tuple[AdapterEntry, str]]) -> Any:
+    """Tokenise texts, each cleaned and truncated as its adapter was trained, padded together."""
+    from peftlab.data import clean_text
+
+    texts = [clean_text(text, entry.clean) for entry, text in items]
+    lengths = {entry.max_length for entry, _ in items}
+    if len(lengths) == 1:  # the usual case: one tokenizer call, as the predictor makes
+        encoded = store.tokenizer(texts, padding=True, truncation=True, max_length=lengths.pop(),
+                                  return_tensors="pt")
+    else:
+        features = [dict(store.tokenizer(text, truncation=True, max_length=entry.max_length))
+                    for (entry, _), text in zip(items, texts)]
+        encoded = store.tokenizer.pad(features, padding=True, return_tensors="pt")
+    return encoded.to(store.device)
+
+
+def generate(store: AdapterStore, name: str, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` with ``store``'s causal-LM adapter ``name`` (via :mod:`peftlab.generate`).
+
+    Raises:
+        WrongTaskError: ``name`` is not a causal-LM adapter.
+    """
+    from peftlab.generate import Generator
+    from peftlab.generate import generate as generate_texts
+
+    entry = store.entry(name)
+    if entry.task != "causal-lm":
+        raise WrongTaskError(f"adapter {name!r} is not a causal LM adapter (task {entry.task}); use /v1/classify")
+    store.require_ready()
+    with store.lock:
+        store.ensure_loaded(entry, keep={name})
+        model = store.group(entry).model
+        model.set_adapter(entry.peft_name)
+        # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
+        texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
+                               max_new_tokens=max_new_tokens)
+        store.forward_passes += len(prompts)
+    return texts
