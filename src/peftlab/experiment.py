@@ -153,7 +153,7 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
             if is_main_process():
                 rundir.check_intact(run_dir)
             if isolate:
-                result = run_in_child(config, method_config, method_dir, seed, resume)
+                result = run_in_child(config, method_config, run_dir, method_dir, seed, resume)
             else:
                 result = train_one(config, method_config, data, base, tokenized, method_dir, seed, resume)
             if result.status == "ok":  # paths relative to the run directory, wherever the seed's folder is

@@ -5,7 +5,8 @@ caches, fragmentation, modules kept alive), so the comparison's memory column wo
 methods; and a crash (out of memory, a segfault in a kernel) would cost every method after it. In a child
 process each method starts from the same state, its peak RSS is its own, and a dying child costs only itself.
 
-The parent hands the child a JSON spec (the resolved config, the method, the seed, the folder); the child
+The parent hands the child a JSON spec on its standard input (the resolved config, the method, the seed, the
+folder): nothing of the hand-over lives in the run directory, which the user may delete at any moment. The child
 prepares the same data and split (deterministic: same config, same seed), trains, and writes its
 :class:`RunResult` to the path in the spec. The parent alone writes the method's result file and the report.
 """
@@ -18,10 +19,11 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from peftlab import fsutil
+from peftlab import fsutil, rundir
 from peftlab.artifacts import MODEL_DIR
 from peftlab.config import ExperimentConfig, load_config
 from peftlab.errors import FilesystemError, MethodError
@@ -29,8 +31,6 @@ from peftlab.results import RunResult
 
 logger = logging.getLogger(__name__)
 
-SPEC = ".worker-spec.json"
-OUTPUT = ".worker-result.json"
 
 
 def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
@@ -63,24 +63,20 @@ def train_one(config: ExperimentConfig, method_config: Any, data: Any, base: Any
     return result
 
 
-def run_in_child(config: ExperimentConfig, method_config: Any, method_dir: Path, seed: int,
+def run_in_child(config: ExperimentConfig, method_config: Any, run_dir: Path, method_dir: Path, seed: int,
                  resume: bool) -> RunResult:
     """Train one method in a child process and return its result (a failed one if the child died)."""
-    method_dir.mkdir(parents=True, exist_ok=True)
-    spec_path, output = method_dir / SPEC, method_dir / OUTPUT
-    output.unlink(missing_ok=True)
-    fsutil.write_json(spec_path, {"config": config.model_dump(mode="json"), "method": method_config.run_name,
-                                  "seed": seed, "method_dir": str(method_dir), "resume": resume, "output": str(output),
-                                  "log_level": logging.getLogger("peftlab").getEffectiveLevel()})
-    # The child re-imports torch/transformers (~5 s): small next to a method's training, and the price of a
-    # clean process. Its output goes straight to this terminal (progress bars, logs).
-    done = subprocess.run([sys.executable, "-m", "peftlab.worker", str(spec_path)], check=False,
-                          env={**os.environ, "PEFTLAB_WORKER": "1"})
-    spec_path.unlink(missing_ok=True)
-    if output.is_file():
-        data = json.loads(output.read_text(encoding="utf-8"))
-        output.unlink()
-        return RunResult.from_dict(data)
+    with tempfile.TemporaryDirectory(prefix="peftlab-worker-") as scratch:
+        output = Path(scratch) / "result.json"
+        spec = {"config": config.model_dump(mode="json"), "method": method_config.run_name, "seed": seed,
+                "run_dir": str(run_dir), "method_dir": str(method_dir), "resume": resume, "output": str(output),
+                "log_level": logging.getLogger("peftlab").getEffectiveLevel()}
+        # The child re-imports torch/transformers (~5 s): small next to a method's training, and the price of a
+        # clean process. Its output goes straight to this terminal (progress bars, logs).
+        done = subprocess.run([sys.executable, "-m", "peftlab.worker"], input=json.dumps(spec), text=True,
+                              check=False, env={**os.environ, "PEFTLAB_WORKER": "1"})
+        if output.is_file():
+            return RunResult.from_dict(json.loads(output.read_text(encoding="utf-8")))
     how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
     hint = " (signal 9 is often the out-of-memory killer: lower training.batch_size)" if done.returncode == -9 else ""
     error = f"the method's process died ({how}){hint}; rerun with --resume to retry it"
@@ -89,8 +85,7 @@ def run_in_child(config: ExperimentConfig, method_config: Any, method_dir: Path,
                      error=error, learning_rate=method_config.learning_rate, seed=seed)
 
 
-def _child_main(spec_path: Path) -> int:
-    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+def _child_main(spec: dict[str, Any]) -> int:
     logging.basicConfig(level=spec["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("peftlab").setLevel(spec["log_level"])
@@ -106,6 +101,7 @@ def _child_main(spec_path: Path) -> int:
     from peftlab.models import load_tokenizer, resolve_dtype, resolve_model_path
     from peftlab.train import BaseModelSpec, tokenize_splits
 
+    rundir.check_intact(Path(spec["run_dir"]))  # it may have been deleted while this process started (~5 s)
     configure_threads()
     config = load_config(data=spec["config"])
     method_config = next(m for m in config.methods if m.run_name == spec["method"])
@@ -128,7 +124,10 @@ if __name__ == "__main__":
     from peftlab.errors import PeftlabError
 
     try:
-        sys.exit(_child_main(Path(sys.argv[1])))
+        sys.exit(_child_main(json.loads(sys.stdin.read())))
     except PeftlabError as exc:  # the parent reports the method as failed; the reason goes to the terminal
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the run directory vanished under the child, say: the parent says what happened
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)

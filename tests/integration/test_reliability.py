@@ -97,7 +97,8 @@ def test_ddp_on_two_cpu_processes_matches_a_single_process_run(tmp_path: Path) -
     assert env_json["world_size"] == 2
     # written once, by the main process: one adapter, one result per method
     assert len(ddp_runs) == 1 and (tmp_path / "ddp" / "lora" / "model" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".")) == []
+    # no temporary files left behind; the marker says the folder is a peftlab run
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".")) == [".peftlab-run"]
     # Same global batch? No: DDP doubles it (2 x 8), so weights differ slightly; the eval loss must not be
     # doubled by world size (the transformers 5.x pitfall) and quality must match within tolerance.
     first_single = single_runs[0]["history"][0]["eval_loss"]
@@ -150,5 +151,5 @@ def test_run_directory_deleted_mid_run_exits_1(tmp_path: Path) -> None:
     assert run.wait(timeout=600) == 1
     errors = run.stderr.read()
     assert "was deleted or replaced while this run was writing to it" in errors, errors[-2000:]
-    assert "Traceback" not in errors
+    assert "Traceback" not in errors, errors[-4000:]
     assert not (out / "results.json").exists() and not (out / "config.yaml").exists()

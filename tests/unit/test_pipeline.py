@@ -28,6 +28,9 @@ ALL_METHODS = [
 
 
 def experiment(model: Path, data: Path, methods: list, **training: object) -> object:
+    # In this process unless a test asks otherwise: a child per method costs ~5 s to start, and the child path
+    # has its own tests (below, tests/unit/test_bad_input.py and every integration test run the default).
+    training = {"method_process": False, **training}
     return load_config(data={
         "data": {"path": str(data), "max_length": 32},
         "model": {"path": str(model)},
@@ -202,7 +205,8 @@ def test_seeds_train_each_method_once_per_seed(tmp_path: Path, tiny_bert: Path, 
 def test_each_method_in_its_own_process_gives_the_in_process_numbers(tmp_path: Path, tiny_bert: Path,
                                                                         reviews_csv: Path) -> None:
     methods = [{"method": "lora", "learning_rate": 1e-2}]
-    child = run_experiment(experiment(tiny_bert, reviews_csv, methods, epochs=1), tmp_path / "child")
+    child = run_experiment(experiment(tiny_bert, reviews_csv, methods, epochs=1, method_process=True),
+                           tmp_path / "child")
     here = run_experiment(experiment(tiny_bert, reviews_csv, methods, epochs=1, method_process=False), tmp_path / "here")
     assert child.runs[0].test_metrics == pytest.approx(here.runs[0].test_metrics, abs=1e-6)
     assert child.runs[0].peak_rss_bytes > 0
