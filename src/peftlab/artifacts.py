@@ -253,7 +253,7 @@ def attach_adapter(base: Any, folder: Path, base_folder: Path) -> Any:
         raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: {str(exc)[:400]}. Pass the base "
                            f"it was trained on ({expected_base}) with --base") from None
     if saved is not None:
-        wanted = set(get_peft_model_state_dict(model))
+        wanted = _expected_adapter_keys(model, get_peft_model_state_dict, base_folder)
         missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
         if missing or unexpected:
             parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
@@ -261,6 +261,22 @@ def attach_adapter(base: Any, folder: Path, base_folder: Path) -> Any:
             raise AdapterError(f"adapter {folder} does not fit base model {base_folder}: adapter weights "
                                f"{'; '.join(parts)}. It was trained on {expected_base}: pass that with --base")
     return model
+
+
+def _expected_adapter_keys(model: Any, state_dict_of: Any, base_folder: Path) -> set[str]:
+    """The keys peft's ``save_pretrained`` would write for ``model``, with the base as loaded here.
+
+    peft decides whether embeddings belong in the file by comparing the vocabulary with the base's config
+    at ``base_model_name_or_path``; saved folders record a hub id there, which peft would look up on the Hub
+    (a network call, or a warning offline). The local base folder answers the same question.
+    """
+    config = model.peft_config[model.active_adapter]
+    recorded = config.base_model_name_or_path
+    config.base_model_name_or_path = str(base_folder)
+    try:
+        return set(state_dict_of(model))
+    finally:
+        config.base_model_name_or_path = recorded
 
 
 def _saved_adapter_keys(folder: Path) -> set[str] | None:

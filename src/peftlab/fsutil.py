@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         tmp.chmod(DIR_MODE & ~umask())
         yield tmp
+        _default_modes(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -80,3 +82,18 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_modes(folder: Path) -> None:
+    """Give what was written below ``folder`` the modes open() / mkdir give, the executable bit kept.
+
+    Writers inside a saved folder do not all follow the umask: safetensors creates its weight files 0600.
+    """
+    mask = umask()
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        current = stat.S_IMODE(path.stat().st_mode)
+        executable = path.is_dir() or current & 0o111
+        path.chmod((DIR_MODE if executable else FILE_MODE) & ~mask)
+
