@@ -518,7 +518,8 @@ def _results_lines(result: RunResult | None, intervals: dict[str, tuple[float, f
 
 
 def _mib(n: int | None) -> str:
-    return f"{(n or 0) / 2**20:.1f} MiB"
+    n = n or 0
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"  # adapters are often under 1 MiB
 
 
 def _usage_lines(meta: Metadata | dict[str, Any], classify: bool, adapter: bool, base: str,
