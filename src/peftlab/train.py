@@ -405,7 +405,10 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     # -- save what must be kept, atomically, then drop checkpoints (they hold optimizer state: 3x the model).
     if is_main_process():
         model_dir = method_dir / artifacts.MODEL_DIR
-        artifacts.save_folder(model_dir, trainer.model, base.tokenizer, _metadata(config, method_config, base, data))
+        # The test metrics are known here (evaluated above), so the model card carries them; the report step
+        # rewrites it with their intervals (artifacts.write_model_card).
+        artifacts.save_folder(model_dir, trainer.model, base.tokenizer, _metadata(config, method_config, base, data),
+                              result=result)
         result.model_size_bytes = artifacts.saved_size(model_dir)
         result.output_dir = str(model_dir.relative_to(method_dir.parent))
         shutil.rmtree(method_dir / CHECKPOINTS, ignore_errors=True)
@@ -542,4 +545,14 @@ def _metadata(config: ExperimentConfig, method_config: Any, base: BaseModelSpec,
     return artifacts.new_metadata(task=config.task, method=method_config.method, name=method_config.run_name,
                                   labels=data.labels, base_model=base.folder, base_model_name=base.name,
                                   max_length=config.data.max_length, clean=config.data.clean,
-                                  trust_remote_code=base.trust_remote_code)
+                                  trust_remote_code=base.trust_remote_code, data_source=_data_source(config),
+                                  split_sizes=dict(data.report.split_sizes))
+
+
+def _data_source(config: ExperimentConfig) -> str:
+    """The data as configured (``shipped:NAME``, a file, folder or glob, or the given splits), for the model card."""
+    if config.data.splits is not None:
+        given = {s: getattr(config.data.splits, s) for s in ("train", "validation", "test")}
+        parts = ", ".join(f"{s}: {v}" for s, v in given.items() if v)
+        return f"{config.data.path} ({parts})" if config.data.path else parts
+    return str(config.data.path)

@@ -85,3 +85,35 @@ def test_is_main_process_follows_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not is_main_process()
     monkeypatch.setenv("RANK", "0")
     assert is_main_process()
+
+
+def test_shipped_bases_are_recorded_by_hub_id_and_resolved_back_offline(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftlab import models
+
+    assert {a.name: a.hub_id for a in models.ALIASES.values()} == {
+        "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+        "multilingual-e5-small": "intfloat/multilingual-e5-small",
+        "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    prepared: list[str] = []
+    monkeypatch.setattr(models, "prepare_model", lambda alias, force=False: prepared.append(alias) or tmp_path / alias)
+    assert models.resolve_model_path("intfloat/multilingual-e5-small") == tmp_path / "multilingual-e5-small"
+    assert models.resolve_model_path("sentence-transformers/all-minilm-l6-v2") == tmp_path / "minilm-l6"
+    assert prepared == ["multilingual-e5-small", "minilm-l6"]
+    # a user's folder laid out like a hub id is theirs, not the shipped copy
+    own = tmp_path / "HuggingFaceTB" / "SmolLM2-135M-Instruct"
+    own.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == own.resolve()
+    # by alias, by hub id, or by the prepared folder; a user's own folder has no hub id
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")
+    assert models.hub_id_of("multilingual-e5-small") == "intfloat/multilingual-e5-small"
+    assert models.hub_id_of(str(tmp_path / "x"), tmp_path / "cache" / "smollm2-135m") == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.hub_id_of(str(tmp_path / "mine"), tmp_path / "mine") is None
+
+
+def test_a_missing_base_names_every_place_tried(tmp_path: Path) -> None:
+    meta = {"base_model": str(tmp_path / "gone"), "base_model_name": "also-gone", "base_model_id": None}
+    with pytest.raises(AdapterError, match=r"tried .*gone .*; also-gone .*pass --base"):
+        artifacts.adapter_base_folder(tmp_path, meta, None)

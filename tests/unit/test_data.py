@@ -119,6 +119,7 @@ def test_datasets_folder_and_dataset_dict_splits(tmp_path: Path) -> None:
     datasets.Dataset.from_list(sst2).save_to_disk(str(tmp_path / "flat"))
     data = prepare_data(data_config(path=str(tmp_path / "flat"), text_column="sentence"))
     assert data.labels == ["0", "1"] and data.report.format == "datasets"
+    assert data.report.files == {} and data.report.columns == ["sentence", "label"]
 
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(sst2[:40]),
                                "validation": datasets.Dataset.from_list(sst2[40:])})
@@ -240,3 +241,135 @@ def test_compressed_files_are_read_by_their_inner_suffix(tmp_path: Path) -> None
     broken.write_bytes(b"not bz2 at all")
     with pytest.raises(DataError, match="not a valid .bz2 file"):
         prepare_data(data_config(path=str(broken)))
+
+
+# --------------------------------------------------------------------------- folders and globs of files
+
+
+def _sns_record(i: int, polarity: object) -> dict:
+    """An AI-Hub SNS record as it ships: extra fields around the text and the label."""
+    record = {"Index": str(i), "RawText": f"배송 빨라요 제품 {i}", "Source": "SNS", "Domain": "IT기기",
+              "ReviewScore": "5", "Aspects": [{"Aspect": "배송", "SentimentPolarity": "1"}]}
+    if polarity is not MISSING_FIELD:
+        record["GeneralPolarity"] = polarity
+    return record
+
+
+MISSING_FIELD = object()
+
+
+def _aihub_folder(root: Path) -> Path:
+    """The folder a notebook passes to load_dataset('json', data_dir=...): a space and Hangul in its name,
+    files that are a list or {"data": [...]}, labels as strings or ints, missing, empty or invalid."""
+    folder = root / "SNS" / "04. IT기기"
+    folder.mkdir(parents=True)
+    polarities = ["-1", "0", "1", -1, 0, 1]
+    second = [_sns_record(100 + i, polarities[i % 6]) for i in range(12)]
+    second[2]["GeneralPolarity"] = ""
+    second[5]["GeneralPolarity"] = "긍정"  # invalid: not -1/0/1
+    write_json(folder / "IT기기_02.json", {"data": second})
+    first = [_sns_record(i, polarities[i % 6]) for i in range(12)]
+    first[3] = _sns_record(3, MISSING_FIELD)
+    write_json(folder / "IT기기_01.json", first)
+    (folder / "README.txt").write_text("AI-Hub 속성기반 감정분석 데이터", encoding="utf-8")
+    return folder
+
+
+def test_ai_hub_folder_of_json_files_is_read_in_sorted_order_and_names_file_and_record(tmp_path: Path) -> None:
+    folder = _aihub_folder(tmp_path)
+    config = data_config(path=str(folder), record_path="data", text_column="RawText", label_column="GeneralPolarity",
+                         label_map={-1: "부정", 0: "중립", 1: "긍정"}, split={"train": 0.5, "validation": 0.25, "test": 0.25})
+    data = prepare_data(config)
+    report = data.report
+    assert data.labels == ["부정", "중립", "긍정"]
+    assert report.format == "json" and report.raw_rows == 24 and report.kept_rows == 21
+    assert report.dropped == {"missing_label": 2, "label_not_in_map": 1}
+    # sorted order: _01 before _02, though _02 was written first; each drop names its own file and record
+    assert list(report.files) == [str(folder / "IT기기_01.json"), str(folder / "IT기기_02.json")]
+    assert report.files[str(folder / "IT기기_01.json")] == 12
+    assert report.dropped_examples["missing_label"] == [f"{folder / 'IT기기_01.json'} record 4",
+                                                        f"{folder / 'IT기기_02.json'} record 3"]
+    assert report.dropped_examples["label_not_in_map"] == [f"{folder / 'IT기기_02.json'} record 6"]
+    assert report.labels_seen_outside_map == {"긍정": 1}
+    # extra fields are listed, and ignored
+    assert {"Index", "Aspects", "ReviewScore", "RawText", "GeneralPolarity"} <= set(report.columns)
+    assert any("README.txt" in note and "not json" in note for note in report.notes)
+    assert report.source == f"{folder} (2 files)"
+
+
+def test_a_glob_reads_only_the_files_it_matches(tmp_path: Path) -> None:
+    rows = review_rows(60)
+    for part in (0, 1):
+        lines = [json.dumps(r) for r in rows[part * 30:(part + 1) * 30]]
+        (tmp_path / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_rows(tmp_path / "other.csv", review_rows(9, seed=5))  # same folder, not matched
+    (tmp_path / "part-1.jsonl").write_text((tmp_path / "part-1.jsonl").read_text() + '{"text": "x 1"}\n')
+    data = prepare_data(data_config(path=str(tmp_path / "part-*.jsonl")))
+    assert data.report.format == "jsonl" and data.report.raw_rows == 61
+    assert list(data.report.files) == [str(tmp_path / "part-0.jsonl"), str(tmp_path / "part-1.jsonl")]
+    assert data.report.dropped_examples["missing_label"] == [f"{tmp_path / 'part-1.jsonl'} line 31"]
+    with pytest.raises(DataError, match=r"matches no files"):
+        prepare_data(data_config(path=str(tmp_path / "*.parquet")))
+
+
+def test_a_glob_in_a_config_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    rows = review_rows(90)
+    write_rows(tmp_path / "data" / "b.csv", rows[45:])
+    write_rows(tmp_path / "data" / "a.csv", rows[:45])
+    (tmp_path / "exp.yaml").write_text("data:\n  path: data/*.csv\nmethods: [lora]\n", encoding="utf-8")
+    config = load_config(tmp_path / "exp.yaml")
+    data = prepare_data(config.data)
+    assert list(data.report.files) == [str(tmp_path / "data" / "a.csv"), str(tmp_path / "data" / "b.csv")]
+
+
+def test_mixed_or_empty_folders_are_data_errors_listing_what_was_found(tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_json(mixed / "a.json", review_rows(30))
+    write_rows(mixed / "b.csv", review_rows(30, seed=1))
+    with pytest.raises(DataError, match=r"mixes data formats: json 1 \(a\.json\); csv 1 \(b\.csv\).*data\.format"):
+        prepare_data(data_config(path=str(mixed)))
+    # naming the format reads only those files, and says which were left out
+    data = prepare_data(data_config(path=str(mixed), format="json"))
+    assert data.report.raw_rows == 30 and any("b.csv" in n for n in data.report.notes)
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("# data\n")
+    (notes / "labels.xlsx").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"no CSV/TSV/JSON/JSONL files .*found: other 2 \(README\.md, labels\.xlsx\)"):
+        prepare_data(data_config(path=str(notes)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty folder"):
+        prepare_data(data_config(path=str(empty)))
+    with pytest.raises(DataError, match=r"has no csv files \(data\.format: csv\); found: other 2"):
+        prepare_data(data_config(path=str(notes), format="csv"))
+
+
+def test_a_broken_file_in_a_folder_is_named(tmp_path: Path) -> None:
+    write_json(tmp_path / "a.json", review_rows(30))
+    (tmp_path / "b.json").write_text('[{"text": "x", "label": "y"},]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"b\.json line 1, column \d+: invalid JSON"):
+        prepare_data(data_config(path=str(tmp_path)))
+
+
+def test_html_entities_are_unescaped_by_cleaning_and_reported_without_it(tmp_path: Path) -> None:
+    assert clean_text("I &lt;3 it", "basic") == "I <3 it"
+    assert clean_text("&lt;3 and &gt;_&lt; too", "basic") == "<3 and >_< too"  # entities are text, not a tag
+    assert clean_text("<b>bold</b> &amp; &#39;quoted&#39;", "basic") == "bold & 'quoted'"
+    assert clean_text("최고 &lt;3 R&amp;D", "korean") == "최고 <3 R&D"
+    assert clean_text(" &lt;3 ", "none") == "&lt;3"
+
+    rows = [{"text": f"{r['text']} &lt;3" if i % 2 else r["text"], "label": r["label"]}
+            for i, r in enumerate(review_rows(30))]
+    path = write_rows(tmp_path / "e.csv", rows)
+    raw = prepare_data(data_config(path=str(path)))
+    assert any("15 text(s) contain HTML entities (e.g. '&lt;')" in n and "data.clean: basic" in n
+               for n in raw.report.notes)
+    assert any(t.endswith("&lt;3") for t in raw.train.texts)
+    cleaned = prepare_data(data_config(path=str(path), clean="basic"))
+    assert not any("HTML entities" in n for n in cleaned.report.notes)
+    assert any(t.endswith("<3") for t in cleaned.train.texts) and not any("&lt;" in t for t in cleaned.train.texts)
+

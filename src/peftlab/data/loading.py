@@ -1,15 +1,19 @@
-"""Read raw tables from CSV/TSV/JSON/JSONL files, nested JSON and `datasets` folders.
+"""Read raw tables from CSV/TSV/JSON/JSONL files, folders or globs of them, nested JSON and `datasets` folders.
 
 Each reader returns a :class:`RawTable`: records as dicts plus where each came
-from (file line or record number), so later stages can name the row that is wrong.
+from (file and line or record number), so later stages can name the row that is wrong.
+A folder or glob of files (AI-Hub ships a folder of JSON files) is read file by file
+in sorted order into one table, as ``load_dataset('json', data_dir=...)`` would.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,10 +43,14 @@ class RawTable:
     columns: list[str]
     row_label: str = "row"  # how a position is named in messages: "line" for files, "record" for JSON
     row_numbers: list[int] = field(default_factory=list)
+    row_files: list[str] = field(default_factory=list)  # per record, the file it is in (tables read from many files)
+    files: dict[str, int] = field(default_factory=dict)  # file -> records read from it, in reading order
+    notes: list[str] = field(default_factory=list)  # what reading chose or skipped, for the data report
 
     def where(self, index: int) -> str:
         number = self.row_numbers[index] if self.row_numbers else index + 1
-        return f"{self.source} {self.row_label} {number}"
+        source = self.row_files[index] if self.row_files else self.source
+        return f"{source} {self.row_label} {number}"
 
 
 def shipped_data_path(name: str) -> Path:
@@ -73,34 +81,171 @@ def _packaged_data_path(name: str) -> Path:
     return path
 
 
+_FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# In a folder, .txt files are notes as often as data: read only when data.format says tsv.
+_FOLDER_FORMATS = {k: v for k, v in _FILE_FORMATS.items() if k != ".txt"}
+_COMPRESSED = (".bz2", ".gz", ".xz")
+_GLOB_CHARS = set("*?[")
+
+
 def resolve_data_path(path: str) -> Path:
-    """Turn ``shipped:NAME`` or a filesystem path into an existing path."""
+    """Turn ``shipped:NAME`` or a filesystem path into an existing path (see :func:`data_files` for globs)."""
     if path.startswith("shipped:"):
         return shipped_data_path(path.removeprefix("shipped:"))
     resolved = Path(path).expanduser()
     if not resolved.exists():
-        raise DataError(f"data.path {path} does not exist; give a CSV/TSV/JSON/JSONL file, a `datasets` folder, "
-                        f"or one of {', '.join('shipped:' + n for n in sorted(SHIPPED_DATA))}")
+        raise DataError(f"data.path {path} does not exist; give a CSV/TSV/JSON/JSONL file, a folder or glob of "
+                        f"them, a `datasets` folder, or one of {', '.join('shipped:' + n for n in sorted(SHIPPED_DATA))}")
     return resolved
 
 
+def is_datasets_folder(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / marker).exists()
+                                 for marker in ("dataset_dict.json", "dataset_info.json", "state.json"))
+
+
 def detect_format(path: Path, declared: str) -> str:
-    """The reader to use: the declared one, else from the folder contents or the file suffix."""
+    """The reader to use: the declared one, else from the folder contents or the file suffix.
+
+    A folder that is not a ``datasets`` folder gets the one format of its data files (see :func:`data_files`).
+    """
+    if path.is_dir():
+        if declared == "datasets" or (declared == "auto" and is_datasets_folder(path)):
+            return "datasets"
+        return data_files(str(path), declared)[1]
     if declared != "auto":
         return declared
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return "datasets"
-        raise DataError(f"{path} is a folder but not a `datasets` save_to_disk folder (no dataset_dict.json or "
-                        f"state.json); point data.path at a file or a folder saved with Dataset.save_to_disk")
-    suffix = path.suffix.lower()
-    if suffix in (".bz2", ".gz", ".xz"):  # compressed: the format is the suffix before it
-        suffix = Path(path.stem).suffix.lower()
-    known = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-    if suffix not in known:
+    return _file_format(path)
+
+
+def _file_format(path: Path) -> str:
+    suffix = _data_suffix(path)
+    if suffix not in _FILE_FORMATS:
         raise DataError(f"cannot tell the format of {path} from its suffix {suffix!r}; set data.format to one of "
                         f"csv, tsv, json, jsonl, datasets")
-    return known[suffix]
+    return _FILE_FORMATS[suffix]
+
+
+def _data_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSED:  # compressed: the format is the suffix before it
+        suffix = Path(path.stem).suffix.lower()
+    return suffix
+
+
+def is_glob(path: str) -> bool:
+    """``data.path`` is a pattern (``data/*.json``, ``data/**/*.jsonl``) rather than one existing path."""
+    return bool(_GLOB_CHARS & set(path)) and not Path(path).expanduser().exists()
+
+
+def sorted_data_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` (subfolders too), hidden files and folders skipped, in sorted path order."""
+    files = [p for p in folder.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def data_files(path: str, declared: str) -> tuple[list[Path], str, list[str]]:
+    """The files a folder or glob ``data.path`` names, their one format, and notes on the files skipped.
+
+    Raises:
+        DataError: nothing matches, or the files are of more than one format (the files found are listed).
+    """
+    if is_glob(path):
+        pattern = os.path.expanduser(path)
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"data.path {path!r} matches no files; check the folder and the pattern "
+                            f"(`**` matches subfolders, e.g. 'data/**/*.json')")
+        where = f"data.path {path!r}"
+    else:
+        folder = Path(path).expanduser()
+        files = sorted_data_files(folder)
+        if not files:
+            raise DataError(f"data.path {folder} is an empty folder; put the CSV/TSV/JSON/JSONL files there")
+        where = f"folder {folder}"
+    fmt, kept, skipped = _pick_format(where, files, declared)
+    notes = []
+    if skipped:
+        shown = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        notes.append(f"{len(skipped)} file(s) in {where} are not {fmt} data and were not read: {shown}")
+    return kept, fmt, notes
+
+
+def _pick_format(where: str, files: list[Path], declared: str) -> tuple[str, list[Path], list[Path]]:
+    """(format, files of that format, the other files); ``declared`` other than auto keeps only its files."""
+    table = _FILE_FORMATS if declared != "auto" else _FOLDER_FORMATS
+    by_format: dict[str, list[Path]] = {}
+    for file in files:
+        by_format.setdefault(table.get(_data_suffix(file), "other"), []).append(file)
+    found = "; ".join(f"{fmt} {len(group)} ({', '.join(p.name for p in group[:3])}{', ...' if len(group) > 3 else ''})"
+                      for fmt, group in by_format.items())
+    if declared != "auto":
+        if declared == "datasets":
+            raise DataError(f"data.format is datasets but {where} is not a `datasets` save_to_disk folder "
+                            f"(no dataset_dict.json or state.json); found: {found}")
+        if declared not in by_format:
+            raise DataError(f"{where} has no {declared} files (data.format: {declared}); found: {found}")
+        chosen = declared
+    else:
+        formats = [f for f in by_format if f != "other"]
+        if not formats:
+            raise DataError(f"{where} holds no CSV/TSV/JSON/JSONL files (suffixes .csv .tsv .json .jsonl .ndjson, "
+                            f"optionally .gz/.bz2/.xz) and is not a `datasets` save_to_disk folder; found: {found}")
+        if len(formats) > 1:
+            example = by_format[formats[0]][0]
+            raise DataError(f"{where} mixes data formats: {found}. Read one format: set data.format (e.g. "
+                            f"{formats[0]}) or give a glob such as '{example.parent}/*{_data_suffix(example)}'")
+        chosen = formats[0]
+    kept = by_format[chosen]
+    skipped = [f for fmt, group in by_format.items() if fmt != chosen for f in group]
+    return chosen, kept, skipped
+
+
+def read_data(path: str, declared: str, *, record_path: str | None = None, header: bool = True,
+              column_names: list[str] | None = None) -> tuple[RawTable, str]:
+    """Read ``data.path`` (``shipped:NAME``, a file, a folder or glob of files, a ``datasets`` folder) as one table.
+
+    Returns:
+        The table and its format (for a folder or glob, that of its files).
+
+    Raises:
+        DataError: as :func:`read_table`, naming the file; a folder or glob without files of one format.
+    """
+    if is_glob(path) and not path.startswith("shipped:"):
+        return _read_files(path, declared, record_path, header, column_names)
+    resolved = resolve_data_path(path)
+    fmt = detect_format(resolved, declared)
+    return read_table(resolved, fmt, record_path=record_path, header=header, column_names=column_names), fmt
+
+
+def _read_files(path: str, declared: str, record_path: str | None, header: bool,
+                column_names: list[str] | None) -> tuple[RawTable, str]:
+    files, fmt, notes = data_files(path, declared)
+    tables = [read_table(f, fmt, record_path=record_path, header=header, column_names=column_names) for f in files]
+    table = _concatenate(path, tables)
+    table.notes = notes + table.notes
+    logger.info("data: read %d %s files from %s", len(files), fmt, path)
+    return table, fmt
+
+
+def _concatenate(path: str, tables: list[RawTable]) -> RawTable:
+    """One table from several files' tables; each record keeps its file and its number in that file."""
+    records: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    row_files: list[str] = []
+    columns: dict[str, None] = {}
+    files: dict[str, int] = {}
+    for table in tables:
+        records += table.records
+        numbers += table.row_numbers or list(range(1, len(table.records) + 1))
+        row_files += [table.source] * len(table.records)
+        columns.update(dict.fromkeys(table.columns))
+        files[table.source] = len(table.records)
+    labels = {t.row_label for t in tables}
+    return RawTable(f"{path} ({len(tables)} files)", records, list(columns),
+                    labels.pop() if len(labels) == 1 else "row", numbers, row_files, files)
 
 
 def read_table(path: Path, fmt: str, *, record_path: str | None = None, header: bool = True,
@@ -108,7 +253,7 @@ def read_table(path: Path, fmt: str, *, record_path: str | None = None, header: 
     """Read ``path`` in format ``fmt`` into a :class:`RawTable`.
 
     Args:
-        path: file or folder.
+        path: file, folder of files of format ``fmt`` (read in sorted order), or `datasets` folder.
         fmt: one of csv, tsv, json, jsonl, datasets (already detected).
         record_path: dotted key of the record list inside a JSON document.
         header: CSV/TSV whose first line names the columns.
@@ -120,6 +265,8 @@ def read_table(path: Path, fmt: str, *, record_path: str | None = None, header: 
     """
     if fmt == "datasets":
         return _read_datasets(path, split)
+    if path.is_dir():
+        return _read_files(str(path), fmt, record_path, header, column_names)[0]
     text = _read_text(path)
     if fmt in ("csv", "tsv"):
         return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", header, column_names)
@@ -214,7 +361,11 @@ def _read_json(path: Path, text: str, record_path: str | None) -> RawTable:
         hint = " (one object per line? set data.format: jsonl)" if exc.msg == "Extra data" else ""
         raise DataError(f"{path} line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg}){hint}") from None
     records = document
-    if record_path:
+    if record_path and isinstance(document, list):
+        # A folder may mix files that wrap the records ({"data": [...]}) with files that are the list itself
+        # (AI-Hub ships both); a top-level list can only be the records.
+        pass
+    elif record_path:
         for key in record_path.split("."):
             if not isinstance(records, dict) or key not in records:
                 keys = list(records) if isinstance(records, dict) else type(records).__name__

@@ -28,6 +28,8 @@ from peftlab.data.loading import (
     detect_format,
     get_field,
     has_column,
+    is_glob,
+    read_data,
     read_table,
     resolve_data_path,
 )
@@ -81,6 +83,8 @@ class DataReport:
     labels_seen_outside_map: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # problems that may make the comparison misleading
+    columns: list[str] = field(default_factory=list)  # every field found, used or not (extra fields are ignored)
+    files: dict[str, int] = field(default_factory=dict)  # folder/glob sources: file -> records read, in reading order
 
 
 @dataclass
@@ -116,14 +120,15 @@ def prepare_data(config: DataConfig, task: str = "classification", tokenizer: An
         tables, source, fmt = _read_given_splits(config)
     else:
         assert config.path is not None
-        path = resolve_data_path(config.path)
-        fmt = detect_format(path, config.format)
-        if fmt == "datasets" and dataset_dict_splits(path):
-            raise DataError(f"{path} is a DatasetDict with splits {dataset_dict_splits(path)}; name them in "
-                            f"data.splits (e.g. splits: {{train: train, validation: validation}}) instead of data.path")
-        table = read_table(path, fmt, record_path=config.record_path, header=config.header,
-                           column_names=config.column_names)
-        tables, source = {"all": table}, str(path)
+        if not is_glob(config.path):
+            path = resolve_data_path(config.path)
+            if detect_format(path, config.format) == "datasets" and dataset_dict_splits(path):
+                raise DataError(f"{path} is a DatasetDict with splits {dataset_dict_splits(path)}; name them in "
+                                f"data.splits (e.g. splits: {{train: train, validation: validation}}) instead of "
+                                f"data.path")
+        table, fmt = read_data(config.path, config.format, record_path=config.record_path, header=config.header,
+                               column_names=config.column_names)
+        tables, source = {"all": table}, table.source
 
     dropped: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
@@ -151,7 +156,9 @@ def prepare_data(config: DataConfig, task: str = "classification", tokenizer: An
         raise DataError(f"{source}: only one class ({present[0]!r}) is left after cleaning ({kept} rows); a "
                         f"classifier needs at least 2. Check data.label_column and data.label_map")
 
-    notes: list[str] = []
+    notes: list[str] = [note for table in tables.values() for note in table.notes]
+    if config.clean == "none":
+        notes += _entity_note(tables, config)
     if "all" in rows_by_table:
         splits = _split(rows_by_table["all"], config, classify, notes)
     else:
@@ -188,6 +195,8 @@ def prepare_data(config: DataConfig, task: str = "classification", tokenizer: An
         labels_seen_outside_map=dict(outside.most_common(20)),
         notes=notes,
         warnings=_small_class_warnings(prepared["train"], labels) if classify else [],
+        columns=list(dict.fromkeys(c for table in tables.values() for c in table.columns)),
+        files={f: n for table in tables.values() for f, n in table.files.items()},
     )
     for warning in report.warnings:
         logger.warning("data: %s", warning)
@@ -215,10 +224,8 @@ def _read_given_splits(config: DataConfig) -> tuple[dict[str, RawTable], str, st
             fmt = "datasets"
             tables[split] = read_table(dict_path, "datasets", split=value)
         else:
-            path = resolve_data_path(value)
-            fmt = detect_format(path, config.format)
-            tables[split] = read_table(path, fmt, record_path=config.record_path, header=config.header,
-                                       column_names=config.column_names)
+            tables[split], fmt = read_data(value, config.format, record_path=config.record_path,
+                                           header=config.header, column_names=config.column_names)
         sources.append(tables[split].source)
     return tables, ", ".join(sources), fmt
 
@@ -351,19 +358,39 @@ def _natural_key(value: str) -> tuple[int, float, str]:
 _TAG = re.compile(r"<[^>]{1,200}>")
 _SPACE = re.compile(r"\s+")
 # Hangul syllables and jamo, Latin letters, digits, whitespace and everyday punctuation.
-_NOT_KOREAN_SAFE = re.compile(r"[^\uac00-\ud7a3\u1100-\u11ff\u3130-\u318fA-Za-z0-9\s.,!?~'\"()%\-:;/]")
+# < > & are kept: they are what HTML entities stand for (&lt; &gt; &amp;), so an escaped "<3" or "R&D" survives.
+_NOT_KOREAN_SAFE = re.compile(r"[^\uac00-\ud7a3\u1100-\u11ff\u3130-\u318fA-Za-z0-9\s.,!?~'\"()%\-:;/<>&]")
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 
 
 def clean_text(text: str, mode: str) -> str:
-    """Normalise one text. ``none`` only strips; ``basic`` removes HTML and squeezes spaces;
-    ``korean`` also keeps only Hangul, Latin, digits and basic punctuation (emoji and symbols go)."""
+    """Normalise one text. ``none`` only strips; ``basic`` removes HTML tags, unescapes HTML entities
+    (``&lt;3`` is ``<3``) and squeezes spaces; ``korean`` also keeps only Hangul, Latin, digits and basic
+    punctuation (emoji and symbols go)."""
     if mode == "none":
         return text.strip()
-    text = unicodedata.normalize("NFC", html.unescape(text))
+    # Tags before entities: an escaped "&lt;b&gt;" is text that shows as "<b>", not a tag, and unescaping it
+    # first would make it one (and "&lt;3 ... &gt;" would lose everything between).
     text = _TAG.sub(" ", text)
+    text = unicodedata.normalize("NFC", html.unescape(text))
     if mode == "korean":
         text = _NOT_KOREAN_SAFE.sub(" ", text)
     return _SPACE.sub(" ", text).strip()
+
+
+def _entity_note(tables: dict[str, RawTable], config: DataConfig) -> list[str]:
+    """With ``clean: none`` the model sees entities as written (``&lt;3``, not ``<3``): say so when there are any."""
+    found, example = 0, ""
+    for table in tables.values():
+        for record in table.records:
+            text = _text_of(record, config)
+            if text and _ENTITY.search(text):
+                found += 1
+                example = example or _ENTITY.search(text).group(0)  # type: ignore[union-attr]
+    if not found:
+        return []
+    return [f"{found} text(s) contain HTML entities (e.g. {example!r}); data.clean is none, so the model reads them "
+            f"as written. Set data.clean: basic (or korean) to unescape them (&lt;3 becomes <3)"]
 
 
 def _drop_duplicates(rows_by_table: dict[str, list[tuple[str, str | None]]], dropped: Counter[str],
