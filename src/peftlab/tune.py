@@ -49,7 +49,6 @@ from peftlab.results import ExperimentResult, MethodStudy, StudyResult, TrialRec
 logger = logging.getLogger(__name__)
 
 TUNED = "tuned.yaml"
-STUDY_JSON = "study.json"
 JOURNAL = "study.journal"
 TRIALS = "trials"
 TUNE_SUFFIX = "-tune"
