@@ -46,7 +46,7 @@ def main_options(
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("peftlab").setLevel(level)
-    for noisy in ("peft", "accelerate", "datasets", "httpx", "filelock"):
+    for noisy in ("peft", "accelerate", "datasets", "httpx", "filelock", "optuna"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if not verbose:
         # transformers logs a table for every new classification head, which peftlab creates on purpose.
@@ -67,23 +67,31 @@ def run(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names to run (default: all).")] = None,
     seeds: Annotated[Optional[int], typer.Option(min=1, help="Train every method N times, at seeds training.seed, "
                                                              "+1, ...; the report gives mean ± std (sets training.seeds).")] = None,
+    tune: Annotated[bool, typer.Option("--tune", help="First tune every method (tune: section) on the validation split in RUN_DIR-tune, then run the tuned config.")] = False,
+    storage: Annotated[Optional[str], typer.Option(help="With --tune: Optuna storage URL (journal:PATH, sqlite:///PATH.db, a database URL); default a journal file in RUN_DIR-tune.")] = None,
 ) -> None:
     """Train and evaluate every method in CONFIG, then write the report."""
     from peftlab.config import load_config
     from peftlab.experiment import default_run_dir, run_experiment
     from peftlab.report import render_results_console
 
-    selected = None
-    if methods is not None:
-        selected = [m.strip() for m in methods.split(",") if m.strip()]
-        if not selected:
-            raise typer.BadParameter(f"{methods!r} names no method; give e.g. --methods full,lora", param_hint="--methods")
+    selected = _method_list(methods)
+    if storage is not None and not tune:
+        raise typer.BadParameter("--storage is for --tune (or `peftlab tune`)", param_hint="--storage")
     cfg = load_config(config, set_)
     if seeds is not None:
         first = cfg.training.seed
         cfg = load_config(config, [*(set_ or []), f"training.seeds=[{', '.join(str(first + i) for i in range(seeds))}]"])
     run_dir = output or default_run_dir(cfg, config)
-    experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
+    if tune:
+        from peftlab.report import render_study_console
+        from peftlab.tune import tune_and_run
+
+        study, experiment = tune_and_run(cfg, run_dir, methods=selected, storage=storage, overwrite=overwrite,
+                                         resume=resume, name=cfg.name or config.stem)
+        render_study_console(study)
+    else:
+        experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
     render_results_console(experiment)
     typer.echo(f"report: {run_dir / 'report.html'} (also report.md, results.csv, results.json)")
     failed = [r for r in experiment.runs if r.status != "ok"]
@@ -93,6 +101,40 @@ def run(
         rest = "the others' results are in the report" if len(failed) < len(experiment.runs) else "none finished"
         typer.secho(f"{len(failed)} of {len(experiment.runs)} method(s) failed; {rest}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
+
+
+def _method_list(methods: str | None) -> list[str] | None:
+    if methods is None:
+        return None
+    selected = [m.strip() for m in methods.split(",") if m.strip()]
+    if not selected:
+        raise typer.BadParameter(f"{methods!r} names no method; give e.g. --methods full,lora", param_hint="--methods")
+    return selected
+
+
+@app.command("tune")
+def tune_command(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Tune directory (default: the run directory with -tune appended).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names to tune (default: all).")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Trials per method, the same for every method (sets tune.trials).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers: journal:PATH, sqlite:///PATH.db or a database URL (default: a journal file in the tune directory).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the studies of an existing tune directory; finished trials count toward the budget.")] = False,
+) -> None:
+    """Tune each method of CONFIG on the validation split (an Optuna study per method, one budget); write tuned.yaml."""
+    from peftlab.config import load_config
+    from peftlab.report import render_study_console
+    from peftlab.tune import TUNED, default_tune_dir, tune
+
+    selected = _method_list(methods)
+    overrides = [*(set_ or []), *([f"tune.trials={trials}"] if trials is not None else [])]
+    cfg = load_config(config, overrides)
+    tune_dir = output or default_tune_dir(cfg, config)
+    study = tune(cfg, tune_dir, methods=selected, storage=storage, resume=resume, name=cfg.name or config.stem)
+    render_study_console(study)
+    typer.echo(f"tuned config: {tune_dir / TUNED} (run it: peftlab run {tune_dir / TUNED}); "
+               f"report: {tune_dir / 'report.html'}")
 
 
 @data_app.command("check")

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from peftlab.errors import ConfigError
 
@@ -400,6 +409,62 @@ class ReportConfig(_Strict):
     seed: int = Field(0, description="Seed of the resampling: the same seed gives the same intervals.")
 
 
+class SearchRange(_Strict):
+    """A range to search a number in (learning rates: on a log scale)."""
+
+    low: float = Field(gt=0, description="Lowest value tried.")
+    high: float = Field(gt=0, description="Highest value tried.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SearchRange":
+        if self.low > self.high:
+            raise ValueError(f"low {self.low:g} is above high {self.high:g}: swap them, e.g. "
+                             f"{{low: {self.high:g}, high: {self.low:g}}}")
+        return self
+
+
+def _override_kind(value: Any) -> str:
+    return "choices" if isinstance(value, (list, tuple)) else "range"
+
+
+# A range ({low, high}) or a list of choices; the tag picks one, so an error names only the form given.
+SearchOverride = Annotated[
+    Union[Annotated[SearchRange, Tag("range")], Annotated[list[Union[bool, int, float, str]], Tag("choices")]],
+    Discriminator(_override_kind),
+]
+
+
+class TuneConfig(_Strict):
+    """`peftlab tune` / `run --tune`: an Optuna study per method on the validation split, one budget for all."""
+
+    trials: int = Field(20, gt=0, description="Trials per method: the same budget for every method (a resumed or "
+                                              "shared study counts the trials it already holds).")
+    seed: int | None = Field(None, description="Seed of the TPE sampler; default training.seed.")
+    startup_trials: int | None = Field(
+        None, gt=0, description="Random trials before TPE models the results; default a third of the budget "
+                                "(at least 1, at most 10).")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="median: stop a trial whose validation metric after an epoch is below the median of "
+                              "earlier trials at that epoch; none: every trial trains to the end.")
+    prune_after_trials: int = Field(2, ge=0, description="Trials that always run to the end before pruning starts.")
+    prune_warmup_epochs: int = Field(0, ge=0, description="Evaluations (epochs) before a trial may be pruned.")
+    include_defaults: bool = Field(True, description="Trial 0 of each method uses the config's own settings, so a "
+                                                     "tuned method is never worse on validation than its defaults.")
+    search: dict[str, dict[str, SearchOverride]] = Field(
+        default_factory=dict, description="Per method run name: parameter -> {low, high} (a range) or a list of "
+                                          "choices, replacing the method's own search space for that parameter, "
+                                          "e.g. {lora: {learning_rate: {low: 1e-4, high: 1e-2}, r: [8, 16]}}.")
+
+    @field_validator("search")
+    @classmethod
+    def _no_empty_choices(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for method, params in value.items():
+            for name, override in params.items():
+                if isinstance(override, list) and not override:
+                    raise ValueError(f"tune.search.{method}.{name} is an empty list: give at least one choice")
+        return value
+
+
 class OutputConfig(_Strict):
     dir: str | None = Field(None, description="Run directory; default runs/<config file name>.")
 
@@ -415,6 +480,7 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("methods", mode="before")
@@ -450,6 +516,10 @@ class ExperimentConfig(_Strict):
         if self.report.reference is not None and self.report.reference not in names:
             raise ValueError(f"report.reference {self.report.reference!r} is not a method of this config; "
                              f"choose one of {', '.join(names)}")
+        unknown = [n for n in self.tune.search if n not in names]
+        if unknown:
+            raise ValueError(f"tune.search names {', '.join(unknown)}, not a method of this config; its methods are "
+                             f"{', '.join(names)}")
         if self.task != "classification" and self.training.class_weights != "none":
             raise ValueError("training.class_weights applies to classification only; remove it for task "
                              f"{self.task}")

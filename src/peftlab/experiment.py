@@ -60,7 +60,7 @@ def environment(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False, resume: bool = False,
-                   methods: list[str] | None = None) -> ExperimentResult:
+                   methods: list[str] | None = None, lock_held: bool = False) -> ExperimentResult:
     """Train and evaluate every selected method, then write results and the report.
 
     Args:
@@ -70,6 +70,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
         resume: continue an existing run: finished methods are kept, an interrupted one resumes
             from its last checkpoint.
         methods: run only these method names (default: all in the config).
+        lock_held: the caller already holds ``run_dir``'s lock (``peftlab run --tune`` holds it while tuning).
 
     Returns:
         The :class:`ExperimentResult` that was written to ``run_dir/results.json``.
@@ -100,7 +101,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     env = environment(config)
     main = is_main_process()
     # One writer per run directory; the other ranks of a distributed run write nothing.
-    lock = rundir.hold(run_dir, takeover=resume or overwrite) if main else contextlib.nullcontext()
+    lock = rundir.hold(run_dir, takeover=resume or overwrite) if main and not lock_held else contextlib.nullcontext()
     with lock:
         if main:
             rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume)  # again, now that we hold it

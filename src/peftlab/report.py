@@ -19,7 +19,7 @@ from typing import Any
 
 from peftlab import fsutil
 from peftlab.evaluate import perplexity
-from peftlab.results import ExperimentResult, RunResult
+from peftlab.results import ExperimentResult, RunResult, StudyResult
 from peftlab.stats import NO_DIFFERENCE, ExperimentStats, Interval, MethodStats, reference_name, run_statistics
 
 logger = logging.getLogger(__name__)
@@ -687,3 +687,148 @@ def render_results_console(experiment: ExperimentResult) -> None:
     console.print(table)
     for sentence in summary_sentences(experiment):
         console.print(f"• {sentence}")
+
+
+# --------------------------------------------------------------------------- tuning studies
+
+STUDY_PLOT = "tune_learning_rate.png"
+
+
+def _param_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_fmt(v, 3) if isinstance(v, float) else v}" for k, v in params.items())
+
+
+def study_trial_rows(study: StudyResult) -> list[dict[str, Any]]:
+    """One row per trial of every method: method, trial, params, validation metric, state."""
+    rows = []
+    for method in study.methods:
+        for trial in method.trials:
+            state = trial.state.lower()
+            if trial.error and trial.state == "FAIL":
+                state += f" ({trial.error[:80]})"
+            rows.append({"method": method.name, "trial": trial.number, "params": _param_text(trial.params),
+                         f"validation {study.metric}": _fmt(trial.value),
+                         "epochs": len(trial.intermediate), "state": state,
+                         "chosen": "yes" if trial.number == method.best_trial else ""})
+    return rows
+
+
+def study_summary_rows(study: StudyResult) -> list[dict[str, Any]]:
+    """One row per method: trials by state and the settings chosen."""
+    rows = []
+    for method in study.methods:
+        states = [t.state for t in method.trials]
+        rows.append({"method": method.name, "trials": len(states), "complete": states.count("COMPLETE"),
+                     "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+                     f"best validation {study.metric}": _fmt(method.best_value),
+                     "best trial": "" if method.best_trial is None else method.best_trial,
+                     "chosen settings": _param_text(method.chosen) if method.chosen else "none (no trial completed)"})
+    return rows
+
+
+def _study_sentences(study: StudyResult) -> list[str]:
+    lines = [f"Every method had the same budget: {study.budget} trial(s) per method, chosen on the validation split "
+             f"by {study.metric} (the test split was not read).",
+             f"Sampler: {study.sampler}. Pruner: {study.pruner}. Storage: {study.storage}."]
+    for method in study.methods:
+        if method.best_trial is None:
+            lines.append(f"{method.name}: no trial completed, so its settings were not changed.")
+    return lines
+
+
+def make_study_plot(study: StudyResult, folder: Path) -> dict[str, Path]:
+    """Learning rate against the validation metric, one panel per method (complete: dots, pruned: crosses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in study.methods if any(t.value is not None for t in m.trials)]
+    if not panels:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, method in zip(axes[0], panels):
+        for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+            points = [(t.params["learning_rate"], t.value) for t in method.trials
+                      if t.state == state and t.value is not None and "learning_rate" in t.params]
+            if points:
+                ax.scatter(*zip(*points), marker=marker, label=state.lower())
+        best = next((t for t in method.trials if t.number == method.best_trial), None)
+        if best is not None and "learning_rate" in best.params:
+            ax.scatter([best.params["learning_rate"]], [best.value], marker="*", s=160, color="gold",
+                       edgecolors="black", label="chosen", zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"validation {study.metric}")
+        ax.set_title(method.name)
+        ax.legend(fontsize=7)
+    return {"Learning rate against the validation metric": _save(fig, folder / STUDY_PLOT)}
+
+
+def render_study_markdown(study: StudyResult, plots: dict[str, Path], run_dir: Path) -> str:
+    """The study section: the budget, the settings chosen per method, every trial, the plot."""
+    summary = study_summary_rows(study)
+    trials = study_trial_rows(study)
+    lines = [f"# peftlab tuning: {study.name}", "", *[f"- {s}" for s in _study_sentences(study)], "",
+             f"Tuned config: `{study.tuned_config}` (run it with `peftlab run {study.tuned_config}`).", "",
+             "## Chosen settings", "", _markdown_table(summary, list(summary[0]) if summary else []), "",
+             "## Search spaces", ""]
+    for method in study.methods:
+        for p in method.space:
+            where = (f"{_fmt(p['low'], 3)} to {_fmt(p['high'], 3)} (log scale)" if p["kind"] != "choice"
+                     else ", ".join(str(c) for c in p["choices"]))
+            lines.append(f"- {method.name} `{p['name']}`: {where}. {p['description']}")
+    lines += ["", "## Trials", "", _markdown_table(trials, list(trials[0]) if trials else []), ""]
+    for title, path in plots.items():
+        lines += [f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def render_study_html(study: StudyResult, plots: dict[str, Path]) -> str:
+    """The study section as a self-contained HTML page (base64 plot)."""
+    esc = html.escape
+
+    def table(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return "<p>none</p>"
+        columns = list(rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{esc(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
+        return ("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr></thead><tbody>"
+                + body + "</tbody></table>")
+
+    images = "".join(
+        f"<figure><img alt='{esc(title)}' src='data:image/png;base64,"
+        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{esc(title)}</figcaption></figure>"
+        for title, path in plots.items())
+    sentences = "".join(f"<li>{esc(s)}</li>" for s in _study_sentences(study))
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left}th{background:#f3f3f3}figure{display:inline-block;margin:0.5em}img{max-width:100%}")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>peftlab tuning: {esc(study.name)}"
+            f"</title><style>{style}</style></head><body><h1>peftlab tuning: {esc(study.name)}</h1><ul>{sentences}</ul>"
+            f"<p>Tuned config: <code>{esc(study.tuned_config)}</code>.</p><h2>Chosen settings</h2>"
+            f"{table(study_summary_rows(study))}<h2>Trials</h2>{table(study_trial_rows(study))}"
+            f"<h2>Plots</h2>{images}</body></html>")
+
+
+def write_study_report(study: StudyResult, run_dir: Path) -> dict[str, Path]:
+    """Write study.json, report.md, report.html and plots/ of a tune directory."""
+    plots = make_study_plot(study, run_dir / PLOTS)
+    fsutil.write_json(run_dir / "study.json", study.to_dict())
+    fsutil.write_text(run_dir / "report.md", render_study_markdown(study, plots, run_dir))
+    fsutil.write_text(run_dir / "report.html", render_study_html(study, plots))
+    return {"markdown": run_dir / "report.md", "html": run_dir / "report.html", "json": run_dir / "study.json"}
+
+
+def render_study_console(study: StudyResult) -> None:
+    """Print the settings chosen per method."""
+    from rich.table import Table
+
+    rows = study_summary_rows(study)
+    table = Table(title=f"peftlab tune: {study.name} ({study.budget} trial(s) per method, validation {study.metric})")
+    for column in (list(rows[0]) if rows else []):
+        table.add_column(str(column), overflow="fold")
+    for row in rows:
+        table.add_row(*[str(v) for v in row.values()])
+    _console().print(table)

@@ -172,3 +172,61 @@ def load_predictions(path: Path) -> SavedPredictions:
     except KeyError as exc:
         raise RunDirError(f"{path}: label {exc.args[0]!r} is not one of the classes {labels}; rerun the method") from None
     return SavedPredictions(labels=labels, true=true, predicted=predicted, probabilities=probabilities)
+
+
+@dataclass
+class TrialRecord:
+    """One tuning trial of one method, as its Optuna study holds it."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL or RUNNING (Optuna's TrialState names); "interrupted" trials are FAIL
+    params: dict[str, Any] = field(default_factory=dict)  # the searched values, as the search space names them
+    value: float | None = None  # best validation metric (pruned: the last one reported)
+    intermediate: list[float] = field(default_factory=list)  # validation metric after each epoch
+    error: str | None = None  # why a FAIL trial failed (divergence, a method that cannot apply, interrupted)
+
+
+@dataclass
+class MethodStudy:
+    """The study of one method: its search space, its trials and the settings chosen."""
+
+    name: str  # run name of the method in the config
+    method: str
+    study_name: str
+    direction: str  # "maximize" or "minimize"
+    space: list[dict[str, Any]] = field(default_factory=list)  # each parameter: name, kind, range/choices, description
+    trials: list[TrialRecord] = field(default_factory=list)
+    best_trial: int | None = None
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)  # as the search space names them
+    chosen: dict[str, Any] = field(default_factory=dict)  # the method config fields written to tuned.yaml
+
+
+@dataclass
+class StudyResult:
+    """A tuning run: one study per method, the same trial budget for each, on the validation split only."""
+
+    name: str
+    metric: str  # validation metric the studies optimise (training.metric_for_best_model; loss for causal LMs)
+    budget: int  # trials per method
+    storage: str  # where the studies live (credentials masked)
+    sampler: str
+    pruner: str
+    methods: list[MethodStudy] = field(default_factory=list)
+    tuned_config: str = ""  # the tuned config's file name in the tune directory
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StudyResult":
+        data = dict(data)
+        methods = []
+        for study in data.get("methods", []):
+            study = dict(study)
+            study["trials"] = [TrialRecord(**t) for t in study.get("trials", [])]
+            methods.append(MethodStudy(**study))
+        data["methods"] = methods
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -300,7 +300,8 @@ def training_arguments(config: ExperimentConfig, base: BaseModelSpec, output_dir
 
 
 def train_method(config: ExperimentConfig, method_config: Any, data: PreparedData, base: BaseModelSpec,
-                 tokenized: dict[str, Any], method_dir: Path, resume: bool = False) -> RunResult:
+                 tokenized: dict[str, Any], method_dir: Path, resume: bool = False, *, evaluate_test: bool = True,
+                 callbacks: tuple[Any, ...] = ()) -> RunResult:
     """Train and evaluate one method; save its model (or adapter) to ``method_dir/model``.
 
     Args:
@@ -311,6 +312,9 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         tokenized: the output of :func:`tokenize_splits`.
         method_dir: this method's folder inside the run directory.
         resume: continue from the newest checkpoint in ``method_dir`` if one exists.
+        evaluate_test: evaluate the test split at the end. False for tuning trials, which choose settings and
+            so must never see it (``tokenized["test"]`` and ``data.test`` are then not touched).
+        callbacks: extra Trainer callbacks, after peftlab's own (the tuner's pruning callback).
 
     Returns:
         The measured :class:`RunResult`.
@@ -353,11 +357,12 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
                               metric=metric, restore_best=restore_best)
     collator = causal_lm_collator(base.tokenizer) if not classify else DataCollatorWithPadding(base.tokenizer)
     step_timer = _step_timer()
-    callbacks: list[Any] = [step_timer, _finite_guard(method_config.learning_rate, name)]
+    extra_callbacks, callbacks = list(callbacks), [step_timer, _finite_guard(method_config.learning_rate, name)]
     if training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     if method_config.method == MethodName.ADALORA.value:
         callbacks.append(_adalora_callback())
+    callbacks.extend(extra_callbacks)
     trainer = Trainer(
         model=model,
         args=args,
@@ -400,7 +405,8 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         best_metric_name=metric, best_metric=_metric_value(best, metric) if best else None, history=history,
         resumed=checkpoint is not None, seed=training.seed,
     )
-    _evaluate_test(trainer, tokenized["test"], data, result, classify, method_dir)
+    if evaluate_test:
+        _evaluate_test(trainer, tokenized["test"], data, result, classify, method_dir)
 
     # -- save what must be kept, atomically, then drop checkpoints (they hold optimizer state: 3x the model).
     if is_main_process():

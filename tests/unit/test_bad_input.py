@@ -427,6 +427,37 @@ def case_generate_temperature(tmp: Path, model: Path) -> list[str]:
     return ["generate", str(tmp / "nothing"), "Once", "--sample", "--temperature", "0"]
 
 
+def tune_config(tmp: Path, model: Path, tune: str = "{trials: 2}") -> Path:
+    path = tmp / "exp.yaml"
+    path.write_text(f"data: {{path: {write_rows(tmp / 'd.csv', review_rows(30))}}}\nmodel: {{path: {model}}}\n"
+                    f"methods: [lora]\ntraining: {{epochs: 1, batch_size: 8}}\ntune: {tune}\n", encoding="utf-8")
+    return path
+
+
+def case_tune_budget_zero(tmp: Path, model: Path) -> list[str]:
+    return ["tune", str(tune_config(tmp, model)), "--output", str(tmp / "out"), "--trials", "0"]
+
+
+def case_tune_unknown_storage(tmp: Path, model: Path) -> list[str]:
+    return ["tune", str(tune_config(tmp, model)), "--output", str(tmp / "out"), "--storage", "nosuch://host/db"]
+
+
+def case_tune_range_reversed(tmp: Path, model: Path) -> list[str]:
+    cfg = tune_config(tmp, model, "{search: {lora: {learning_rate: {low: 1.0e-2, high: 1.0e-4}}}}")
+    return ["tune", str(cfg), "--output", str(tmp / "out")]
+
+
+def case_tune_resume_changed(tmp: Path, model: Path) -> list[str]:
+    from peftlab.config import dump_config, load_config
+
+    cfg = tune_config(tmp, model)
+    tuning = tmp / "out-tune"  # `run --tune` tunes beside the run directory
+    tuning.mkdir()
+    (tuning / ".peftlab-run").write_text("{}", encoding="utf-8")
+    (tuning / "config.yaml").write_text(dump_config(load_config(cfg, ["training.epochs=3"])), encoding="utf-8")
+    return [*run_args(tmp, cfg), "--tune", "--resume"]
+
+
 CASES = [
     Case("empty file", case_empty, 1, r"is empty"),
     Case("not UTF-8", case_not_utf8, 1, r"not UTF-8 .*line 2.*iconv"),
@@ -499,6 +530,13 @@ CASES = [
     Case("report: no results.json", case_report_no_results, 1, r"results.json not found"),
     Case("export without --merge", case_export_no_merge, 2, r"pass --merge"),
     Case("generate --temperature 0", case_generate_temperature, 2, r"must be > 0"),
+    Case("tune: a budget of 0 trials", case_tune_budget_zero, 2, r"tune.trials: Input should be greater than 0"),
+    Case("tune: an unknown storage URL", case_tune_unknown_storage, 2,
+         r"--storage 'nosuch://host/db' is not an Optuna storage URL.*journal:PATH"),
+    Case("tune: a search range with low above high", case_tune_range_reversed, 2,
+         r"tune.search.lora.learning_rate.range: low 0.01 is above high 0.0001: swap them"),
+    Case("run --tune --resume on a tuning run whose config changed", case_tune_resume_changed, 2,
+         r"training section\(s\) differ from the tuning run .*out-tune"),
 ]
 
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from peftlab.config import MethodName
-from peftlab.errors import MethodError
+from peftlab.errors import ConfigError, MethodError
 from peftlab.methods import full, ia3, lora, prompt
+from peftlab.methods.space import Choice, LogFloat, Parameter
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,19 @@ BUILDERS: dict[MethodName, Builder] = {
     MethodName.PROMPT_TUNING: prompt.build_prompt_tuning,
     MethodName.PREFIX_TUNING: prompt.build_prefix_tuning,
     MethodName.P_TUNING: prompt.build_p_tuning,
+}
+
+# What `peftlab tune` searches per method (declared next to each builder).
+SEARCH_SPACES: dict[MethodName, tuple[Parameter, ...]] = {
+    MethodName.FULL: full.SEARCH_SPACE,
+    MethodName.LORA: lora.SEARCH_SPACE,
+    MethodName.DORA: lora.SEARCH_SPACE,
+    MethodName.LOHA: lora.LOHA_SEARCH_SPACE,
+    MethodName.ADALORA: lora.ADALORA_SEARCH_SPACE,
+    MethodName.IA3: ia3.SEARCH_SPACE,
+    MethodName.PROMPT_TUNING: prompt.PROMPT_TUNING_SEARCH_SPACE,
+    MethodName.PREFIX_TUNING: prompt.PREFIX_TUNING_SEARCH_SPACE,
+    MethodName.P_TUNING: prompt.P_TUNING_SEARCH_SPACE,
 }
 
 # Methods whose adapters can be merged into the base weights (peft's merge_and_unload).
@@ -82,3 +96,36 @@ def describe_methods() -> list[dict[str, Any]]:
         rows.append({"method": name, "description": (cls.__doc__ or "").strip().splitlines()[0],
                      "options": options, "mergeable": MethodName(name) in MERGEABLE})
     return rows
+
+
+def search_space(method: str, overrides: dict[str, Any] | None = None, where: str = "tune.search") -> tuple[Parameter, ...]:
+    """The method's search space with the config's overrides applied.
+
+    Args:
+        method: the method (``lora``, ``full``, ...).
+        overrides: parameter name -> ``{low, high}`` (a range) or a list (the choices), already validated for
+            ``low <= high`` by the config.
+        where: the config key of the overrides, for messages.
+
+    Raises:
+        ConfigError: an override names a parameter the method does not search, or gives a range for a choice
+            (or choices for a range).
+    """
+    space = {p.name: p for p in SEARCH_SPACES[MethodName(method)]}
+    for name, override in (overrides or {}).items():
+        parameter = space.get(name)
+        if parameter is None:
+            raise ConfigError(f"{where}.{name}: {method} does not search {name!r}; it searches "
+                              f"{', '.join(space)}")
+        if isinstance(parameter, LogFloat):
+            low, high = getattr(override, "low", None), getattr(override, "high", None)
+            if low is None:
+                raise ConfigError(f"{where}.{name}: {name} is a range; give {{low: ..., high: ...}}, e.g. "
+                                  f"{{low: {parameter.low:g}, high: {parameter.high:g}}}")
+            space[name] = LogFloat(name, float(low), float(high), parameter.description)
+        else:
+            if not isinstance(override, (list, tuple)):
+                raise ConfigError(f"{where}.{name}: {name} is a choice; give a list, e.g. "
+                                  f"{list(parameter.choices)}")
+            space[name] = Choice(name, tuple(override), parameter.description, parameter.config_values)
+    return tuple(space.values())

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftlab.methods.space import LogFloat, Parameter
+
+# IA3 learns rescaling vectors initialised at 1: it needs large steps to move them.
+SEARCH_SPACE: tuple[Parameter, ...] = (
+    LogFloat("learning_rate", 1e-3, 5e-2, "Peak learning rate (log scale)."),
+)
+
 
 def build(method_config: Any, context: Any) -> Any:
     from peft import IA3Config

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftlab.methods.space import TARGETS, Choice, LogFloat, Parameter
+
+_RANK = Choice("r", (4, 8, 16), "Rank of the update matrices (the update is scaled by alpha / r).")
+_LR = LogFloat("learning_rate", 1e-4, 5e-3, "Peak learning rate (log scale).")
+
+SEARCH_SPACE: tuple[Parameter, ...] = (_LR, _RANK, TARGETS)  # LoRA and DoRA
+LOHA_SEARCH_SPACE: tuple[Parameter, ...] = (_LR, _RANK, TARGETS)
+# AdaLoRA prunes from init_r (default 12) down to r: a target rank above init_r would prune nothing.
+ADALORA_SEARCH_SPACE: tuple[Parameter, ...] = (
+    LogFloat("learning_rate", 2e-4, 1e-2, "Peak learning rate (log scale)."),
+    Choice("r", (4, 8), "Average target rank after pruning (below init_r)."),
+    TARGETS,
+)
 
 # target_modules None lets peft pick per architecture (query/value for BERT/XLM-R, q_proj/v_proj for Llama).
 

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from peftlab.methods.space import Choice, LogFloat, Parameter
+
+_TOKENS = Choice("num_virtual_tokens", (10, 20, 40), "Virtual tokens prepended to every input.")
+
+# Prompt learning trains a few embeddings from scratch: its learning rates are 10-100x LoRA's.
+PROMPT_TUNING_SEARCH_SPACE: tuple[Parameter, ...] = (
+    LogFloat("learning_rate", 3e-3, 3e-1, "Peak learning rate (log scale)."), _TOKENS)
+PREFIX_TUNING_SEARCH_SPACE: tuple[Parameter, ...] = (
+    LogFloat("learning_rate", 1e-3, 5e-2, "Peak learning rate (log scale)."), _TOKENS)
+P_TUNING_SEARCH_SPACE: tuple[Parameter, ...] = (
+    LogFloat("learning_rate", 1e-4, 1e-2, "Peak learning rate (log scale)."), _TOKENS)
+
 
 def num_virtual_tokens(method_config: Any, context: Any) -> int:
     """The configured count, else the init text's token count (TEXT init) or 20."""
