@@ -623,8 +623,27 @@ def write_report(experiment: ExperimentResult, run_dir: Path) -> dict[str, Path]
     fsutil.write_text(run_dir / "results.csv", buffer.getvalue())
     fsutil.write_text(run_dir / "report.md", render_markdown(experiment, plots, run_dir))
     fsutil.write_text(run_dir / "report.html", render_html(experiment, plots))
+    _cards_with_intervals(experiment, stats, run_dir)
     return {"markdown": run_dir / "report.md", "html": run_dir / "report.html",
             "csv": run_dir / "results.csv", "json": run_dir / "results.json"}
+
+
+def _cards_with_intervals(experiment: ExperimentResult, stats: ExperimentStats | None, run_dir: Path) -> None:
+    """Rewrite each saved folder's model card with its test intervals, once the report has computed them.
+
+    Only for a method trained at one seed: with several, the intervals are about the mean over seeds, which
+    no single saved folder is.
+    """
+    from peftlab import artifacts
+
+    if stats is None:
+        return
+    for run in experiment.runs:
+        method = stats.method(run.name)
+        folder = run_dir / run.output_dir if run.output_dir else None
+        if run.status != "ok" or method is None or len(method.seeds) != 1 or folder is None or not folder.is_dir():
+            continue
+        artifacts.write_model_card(folder, result=run, intervals=method.metrics, confidence=stats.confidence)
 
 
 # --------------------------------------------------------------------------- console

@@ -117,8 +117,12 @@ def test_model_card_describes_task_labels_base_data_metrics_costs_and_loading(co
     assert "| 0 | negative |" in card and "| 2 | positive |" in card
     assert f"`{HUB_ID}` (peftlab alias `{ALIAS}`)" in card
     assert "reviews.csv" in card and "train 72, validation 9, test 9" in card
-    assert f"| accuracy | {lora.test_metrics['accuracy']:.4f} | - |" in card
-    assert f"| macro F1 | {lora.test_metrics['f1_macro']:.4f} | - |" in card
+    # the report step rewrote the card with the test intervals it computed from the saved predictions
+    interval = result.statistics["methods"][[m["name"] for m in result.statistics["methods"]].index("lora")]["metrics"]
+    assert (f"| accuracy | {lora.test_metrics['accuracy']:.4f} | {interval['accuracy']['low']:.4f} – "
+            f"{interval['accuracy']['high']:.4f} |") in card
+    assert f"| macro F1 | {lora.test_metrics['f1_macro']:.4f} | {interval['f1_macro']['low']:.4f} – " in card
+    assert "| loss (cross-entropy) |" in card and "| - |" in card  # no interval for the loss
     assert f"{lora.trainable_params:,} of {lora.total_params:,}" in card
     assert "PeftModel.from_pretrained(base, folder)" in card and 'peftlab.load("path/to/this/folder")' in card
     assert "clean_text(text, 'basic')" in card
@@ -187,3 +191,25 @@ def test_saved_files_and_folders_are_readable_by_others(copied_run: tuple[Path, 
     for path in [run_dir, *run_dir.rglob("*")]:
         want = (0o777 if path.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_the_report_puts_the_test_intervals_into_the_saved_card(tmp_path: Path, tiny_bert: Path) -> None:
+    import csv
+
+    from peftlab.config import load_config
+    from peftlab.experiment import run_experiment
+    from tests.conftest import review_rows
+
+    data = tmp_path / "reviews.csv"
+    with data.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(review_rows())
+    config = load_config(data={"data": {"path": str(data), "max_length": 32}, "model": {"path": str(tiny_bert)},
+                               "methods": [{"method": "lora", "learning_rate": 1e-2}],
+                               "training": {"epochs": 1, "batch_size": 8, "method_process": False}})
+    result = run_experiment(config, tmp_path / "run")
+    card = (tmp_path / "run" / "lora" / "model" / "README.md").read_text(encoding="utf-8")
+    low, high = result.statistics["methods"][0]["metrics"]["f1_macro"]["low"], \
+        result.statistics["methods"][0]["metrics"]["f1_macro"]["high"]
+    assert f"{low:.4f} – {high:.4f}" in card
