@@ -108,7 +108,7 @@ def _child_main(spec: dict[str, Any]) -> int:
     folder = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
     data_logger = logging.getLogger("peftlab.data")
-    data_logger.setLevel(max(logging.WARNING, spec["log_level"]))  # the parent already reported the data
+    data_logger.setLevel(max(logging.ERROR, spec["log_level"]))  # the parent already reported the data and its warnings
     data = prepare_data(config.data, config.task, tokenizer)
     base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
                          dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
