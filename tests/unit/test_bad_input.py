@@ -434,6 +434,22 @@ def tune_config(tmp: Path, model: Path, tune: str = "{trials: 2}") -> Path:
     return path
 
 
+def case_seeds_empty(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--set", "training.seeds=[]"]
+
+
+def case_seeds_repeated(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--set", "training.seeds=[42, 43, 42]"]
+
+
+def case_class_weights_unknown(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--set", "training.class_weights={neutrl: 2.0}"]
+
+
+def case_reference_unknown(tmp: Path, model: Path) -> list[str]:
+    return [*run_args(tmp, good_config(tmp, model)), "--set", "report.reference=ful"]
+
+
 def case_tune_budget_zero(tmp: Path, model: Path) -> list[str]:
     return ["tune", str(tune_config(tmp, model)), "--output", str(tmp / "out"), "--trials", "0"]
 
@@ -530,6 +546,11 @@ CASES = [
     Case("report: no results.json", case_report_no_results, 1, r"results.json not found"),
     Case("export without --merge", case_export_no_merge, 2, r"pass --merge"),
     Case("generate --temperature 0", case_generate_temperature, 2, r"must be > 0"),
+    Case("seeds: an empty list", case_seeds_empty, 2, r"training.seeds is empty"),
+    Case("seeds: a seed listed twice", case_seeds_repeated, 2, r"training.seeds repeats \[42\]"),
+    Case("class weights naming a class the data does not have", case_class_weights_unknown, 2,
+         r"training.class_weights names 'neutrl', not a class of this data; the classes are negative, neutral, positive"),
+    Case("report reference that is not a method", case_reference_unknown, 2, r"report.reference 'ful' is not a method"),
     Case("tune: a budget of 0 trials", case_tune_budget_zero, 2, r"tune.trials: Input should be greater than 0"),
     Case("tune: an unknown storage URL", case_tune_unknown_storage, 2,
          r"--storage 'nosuch://host/db' is not an Optuna storage URL.*journal:PATH"),
