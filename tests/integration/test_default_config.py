@@ -80,3 +80,12 @@ def test_predict_command_prints_labels_and_probabilities(run_dir: Path) -> None:
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["label"] in ("negative", "neutral", "positive")
     assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_on_the_wrong_shipped_base_is_refused(run_dir: Path) -> None:
+    """The red-team case: a MiniLM adapter on multilingual-e5 (same width) gave near-uniform probabilities, exit 0."""
+    result = subprocess.run([sys.executable, "-m", "peftlab.cli", "predict", str(run_dir / "lora"), "A fine film",
+                             "--base", "multilingual-e5-small"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-2000:]
+    assert "was trained on minilm-l6" in result.stderr and "--base minilm-l6" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not result.stdout.strip()

@@ -173,7 +173,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server: RunningServer
 
 
 def test_poisoning_client_fails_no_valid_request(server: RunningServer, expected: dict[str, Any]) -> None:
-    """8 clients x 20 valid requests over HTTP while a ninth sends lone surrogates, empty and blank texts."""
+    """16 clients x 20 valid requests over HTTP while a 17th sends lone surrogates, empty and blank texts."""
     import json
 
     poisons = ["ab\ud800c", "\udfff", "", " ", "\t\n", "\u3000"]
@@ -194,7 +194,7 @@ def test_poisoning_client_fails_no_valid_request(server: RunningServer, expected
     bad = threading.Thread(target=poisoner)
     bad.start()
     try:
-        failures = send_load(server, expected, range(160), threads=8)
+        failures = send_load(server, expected, range(320), threads=16)
     finally:
         done.set()
         bad.join()
