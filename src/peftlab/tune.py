@@ -207,7 +207,28 @@ def study_name(config: ExperimentConfig, method_config: Any) -> str:
 
 def _space(config: ExperimentConfig, method_config: Any) -> tuple[Parameter, ...]:
     name = method_config.run_name
-    return search_space(method_config.method, config.tune.search.get(name), f"tune.search.{name}")
+    space = search_space(method_config.method, config.tune.search.get(name), f"tune.search.{name}")
+    return _with_config_values(space, method_config) if config.tune.include_defaults else space
+
+
+def _with_config_values(space: tuple[Parameter, ...], method_config: Any) -> tuple[Parameter, ...]:
+    """The space widened to hold the config's own settings, so that trial 0 is exactly the untuned run.
+
+    Without this a configured value outside the space (`target_modules: [query, value]`, a learning rate
+    beyond the range) would be sampled in trial 0, and the tuned result could lose to the run it replaces.
+    """
+    widened: list[Parameter] = []
+    for p in space:
+        value = getattr(method_config, p.name, None)
+        if isinstance(p, LogFloat):
+            if value is not None and not p.low <= value <= p.high:
+                p = LogFloat(p.name, min(p.low, float(value)), max(p.high, float(value)), p.description)
+        elif value is not None and p.from_config(value) is None:
+            # Optuna's choices must be plain scalars: a list value gets a readable name that maps back to it.
+            label = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            p = Choice(p.name, (*p.choices, label), p.description, {**p.config_values, label: value})
+        widened.append(p)
+    return tuple(widened)
 
 
 def _distributions(space: tuple[Parameter, ...]) -> dict[str, Any]:

@@ -159,6 +159,22 @@ def test_budget_chosen_settings_land_in_tuned_yaml_which_runs(tmp_path: Path, ti
     assert experiment.runs[1].learning_rate == best["learning_rate"]
 
 
+def test_trial_0_is_exactly_the_configured_run_even_outside_the_space(tmp_path: Path) -> None:
+    """configs/default.yaml's lora: targets [query, value] (no choice of the space) and a rate beyond its range."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "d.csv"}, "methods": [
+        {"method": "lora", "learning_rate": 2e-2, "r": 8, "target_modules": ["query", "value"]}]}), encoding="utf-8")
+    config = load_config(path)
+    lora = config.method("lora")
+    space = tune_module._space(config, lora)
+    params = tune_module._default_params(lora, space)
+    assert params == {"learning_rate": 2e-2, "r": 8, "target_modules": "query,value"}
+    assert tune_module.apply_params(lora, params, space) == lora  # trial 0 trains the untuned run itself
+    # without trial 0 the space is the method's own
+    off = load_config(path, ["tune.include_defaults=false"])
+    assert tune_module._space(off, off.method("lora")) == search_space("lora")
+
+
 def test_the_test_split_is_never_read(tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peftlab import train
 
