@@ -311,6 +311,9 @@ METHOD_CONFIGS: dict[str, type[_MethodBase]] = {
 # --------------------------------------------------------------------------- training / output
 
 
+MACRO_METRICS = ("f1_macro", "recall_macro", "precision_macro")  # where every class counts alike
+
+
 class TrainingConfig(_Strict):
     """One training recipe shared by every method, so differences come from the method alone."""
 
@@ -339,10 +342,14 @@ class TrainingConfig(_Strict):
         None, description="Train every method once per seed and report mean ± std and per-seed rows; "
                           "default: [training.seed]. The data split keeps data.split.seed, so every seed sees the same test rows."
     )
-    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
-        "none", description="Weighted cross-entropy for imbalanced classes: none; balanced (n_rows / (n_classes * "
-                            "class_rows) on the train split, as scikit-learn defines it); or {class name: weight}, "
-                            "unnamed classes weigh 1. Classification only."
+    class_weights: Literal["auto", "none", "balanced"] | dict[str, float] = Field(
+        "auto", description="Weighted cross-entropy for imbalanced classes: none; balanced (n_rows / (n_classes * "
+                            "class_rows) on the train split, as scikit-learn defines it); {class name: weight}, "
+                            "unnamed classes weigh 1; or auto (the default): balanced when the best epoch is chosen "
+                            "by a macro metric (f1/recall/precision_macro) of a classification, else none. Measured "
+                            "on the default experiment, balanced raised test macro F1 by 0.055 (full), 0.084 (lora) "
+                            "and 0.055 (prompt_tuning) (docs/class_weights.md). The saved config records the "
+                            "resolved value."
     )
 
     @field_validator("seeds")
@@ -524,6 +531,21 @@ class ExperimentConfig(_Strict):
             raise ValueError("training.class_weights applies to classification only; remove it for task "
                              f"{self.task}")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_class_weights(cls, data: Any) -> Any:
+        # Resolved here, where the task is known, so config.yaml and every reader see the value that trained.
+        if not isinstance(data, dict):
+            return data
+        training = data.get("training")
+        if training is None:
+            training = {}
+        if not isinstance(training, dict) or training.get("class_weights", "auto") != "auto":
+            return data
+        macro = (data.get("task", "classification") == "classification"
+                 and training.get("metric_for_best_model", "f1_macro") in MACRO_METRICS)
+        return {**data, "training": {**training, "class_weights": "balanced" if macro else "none"}}
 
     def method(self, run_name: str) -> Any:
         """The method config whose run name is ``run_name``."""

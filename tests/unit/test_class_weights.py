@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from peftlab.config import load_config
+import yaml
+
+from peftlab.config import dump_config, load_config
 from peftlab.data import prepare_data
 from peftlab.errors import ConfigError
 from peftlab.train import _weighted_cross_entropy, class_weights
@@ -47,7 +49,7 @@ def test_named_weights_leave_other_classes_at_one_and_none_means_unweighted(tmp_
     path = imbalanced_csv(tmp_path)
     data = prepare_data(config_for(path).data)
     assert class_weights(config_for(path, class_weights={"neutral": 4.0}), data) == [1.0, 4.0, 1.0]
-    assert class_weights(config_for(path), data) is None
+    assert class_weights(config_for(path, class_weights="none"), data) is None
 
 
 def test_a_weight_for_an_unknown_class_names_it_and_lists_the_classes(tmp_path: Path) -> None:
@@ -128,3 +130,17 @@ def test_balanced_data_has_no_small_class_warning_even_with_many_classes(tmp_pat
         writer.writerows(rows)
     assert prepare_data(config_for(path).data).report.warnings == []
     assert prepare_data(config_for(imbalanced_csv(tmp_path, neutral_every=1)).data).report.warnings == []
+
+
+@pytest.mark.parametrize("training, task, expected", [
+    ({}, "classification", "balanced"),  # macro F1 picks the best epoch: every class counts alike
+    ({"metric_for_best_model": "recall_macro"}, "classification", "balanced"),
+    ({"metric_for_best_model": "accuracy"}, "classification", "none"),
+    ({"class_weights": "none"}, "classification", "none"),
+    ({"class_weights": {"neutral": 2.0}}, "classification", {"neutral": 2.0}),
+    ({}, "causal-lm", "none"),
+])
+def test_auto_class_weights_follow_the_metric(training: dict, task: str, expected: object) -> None:
+    config = load_config(data={"task": task, "data": {"path": "d.csv"}, "methods": ["lora"], "training": training})
+    assert config.training.class_weights == expected
+    assert yaml.safe_load(dump_config(config))["training"]["class_weights"] == expected  # saved resolved
