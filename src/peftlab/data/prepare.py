@@ -508,8 +508,9 @@ def _small_class_warnings(train: Split, labels: list[str]) -> list[str]:
     for name, count in _counts(train, labels).items():
         if count < bar * total:
             warnings.append(f"class {name!r} has {count} of {total} training rows ({100 * count / total:.1f}%, under "
-                            f"{100 * bar:.0f}%): a model may learn never to predict it; check the per-class recall "
-                            f"or set training.class_weights: balanced")
+                            f"{100 * bar:.0f}%): a model may learn never to predict it; check the per-class recall. "
+                            f"training.class_weights: balanced (the default when macro F1 picks the best epoch) "
+                            f"counters it")
     return warnings
 
 
