@@ -76,10 +76,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
         The :class:`ExperimentResult` that was written to ``run_dir/results.json``.
     """
     from peftlab.cpu import configure_threads
-    from peftlab.data import prepare_data
-    from peftlab.models import check_max_length, check_model_folder, load_tokenizer, resolve_model_path
     from peftlab.report import render_data_report_console
-    from peftlab.train import class_weights
 
     configure_threads()
     selected = _select(config, methods)
@@ -90,13 +87,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     if resume and (run_dir / rundir.CONFIG).is_file():
         _check_same_config(run_dir, config)
 
-    # Model and data are checked before anything is written: a typo costs nothing and leaves no half run.
-    folder = resolve_model_path(config.model.path)
-    model_config = check_model_folder(folder, config.model.trust_remote_code, config.model.allow_pickle)
-    check_max_length(model_config, config.data.max_length, folder)
-    tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
-    data = prepare_data(config.data, config.task, tokenizer)
-    class_weights(config, data)  # a misspelt class in training.class_weights fails here, before any write
+    folder, tokenizer, data = load_inputs(config)
 
     env = environment(config)
     main = is_main_process()
@@ -104,13 +95,39 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     lock = rundir.hold(run_dir, takeover=resume or overwrite) if main and not lock_held else contextlib.nullcontext()
     with lock:
         if main:
-            rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume)  # again, now that we hold it
-            rundir.create(run_dir, overwrite=overwrite)
-            fsutil.write_text(run_dir / rundir.CONFIG, dump_config(config))
-            fsutil.write_json(run_dir / rundir.ENVIRONMENT, env)
-            fsutil.write_json(run_dir / rundir.DATA_REPORT, dataclasses.asdict(data.report))
+            start_run_dir(run_dir, config, env, data, overwrite=overwrite, resume=resume)
             render_data_report_console(data.report)
         return _run_methods(config, selected, run_dir, folder, tokenizer, data, env, resume)
+
+
+def start_run_dir(run_dir: Path, config: ExperimentConfig, env: dict[str, Any], data: Any, *, overwrite: bool,
+                  resume: bool) -> None:
+    """Create (or replace, or reopen) the run directory and write what describes the run: config, environment,
+    data report. The caller holds the run directory's lock."""
+    rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume)  # again, now that the lock is held
+    rundir.create(run_dir, overwrite=overwrite)
+    fsutil.write_text(run_dir / rundir.CONFIG, dump_config(config))
+    fsutil.write_json(run_dir / rundir.ENVIRONMENT, env)
+    fsutil.write_json(run_dir / rundir.DATA_REPORT, dataclasses.asdict(data.report))
+
+
+def load_inputs(config: ExperimentConfig) -> tuple[Path, Any, Any]:
+    """The base model's folder, its tokenizer and the prepared data, every check done before anything is written.
+
+    A typo in the model path, a model that needs an opt-in, a ``max_length`` beyond its positions, bad data or a
+    misspelt class in ``training.class_weights`` costs nothing and leaves no half run.
+    """
+    from peftlab.data import prepare_data
+    from peftlab.models import check_max_length, check_model_folder, load_tokenizer, resolve_model_path
+    from peftlab.train import class_weights
+
+    folder = resolve_model_path(config.model.path)
+    model_config = check_model_folder(folder, config.model.trust_remote_code, config.model.allow_pickle)
+    check_max_length(model_config, config.data.max_length, folder)
+    tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
+    data = prepare_data(config.data, config.task, tokenizer)
+    class_weights(config, data)
+    return folder, tokenizer, data
 
 
 def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, folder: Path, tokenizer: Any,

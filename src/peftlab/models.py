@@ -151,7 +151,7 @@ def hub_id_of(name: str, folder: Path | None = None) -> str | None:
 def resolve_model_path(path: str) -> Path:
     """A shipped alias or its hub id (prepared on first use, never downloaded), or an existing local folder.
 
-    Saved adapters record a shipped base by its hub id (``adapter_config.json``'s ``base_model_name_or_path``),
+    Saved adapters record a shipped base by its hub id (the adapter config's ``base_model_name_or_path``),
     so a copied run finds its base offline, in this machine's own cache.
     """
     if path in ALIASES:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import fsutil, rundir
-from peftlab.config import ExperimentConfig, dump_config, load_config
+from peftlab.config import ExperimentConfig, load_config
 from peftlab.errors import ConfigError, FilesystemError, PeftlabError, RunDirError
 from peftlab.methods import search_space
 from peftlab.methods.space import Choice, LogFloat, Parameter
@@ -470,12 +470,11 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     import optuna
 
     from peftlab.cpu import configure_threads
-    from peftlab.data import prepare_data
     from peftlab.evaluate import GREATER_IS_BETTER
-    from peftlab.experiment import _select, environment
-    from peftlab.models import check_max_length, check_model_folder, load_tokenizer, resolve_dtype, resolve_model_path
+    from peftlab.experiment import _select, environment, load_inputs, start_run_dir
+    from peftlab.models import resolve_dtype
     from peftlab.report import render_data_report_console, write_study_report
-    from peftlab.train import BaseModelSpec, class_weights, tokenize_splits
+    from peftlab.train import BaseModelSpec, tokenize_splits
 
     configure_threads()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -490,12 +489,7 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     if resume and (tune_dir / rundir.CONFIG).is_file():
         check_same_tuning(tune_dir, config)
 
-    folder = resolve_model_path(config.model.path)
-    model_config = check_model_folder(folder, config.model.trust_remote_code, config.model.allow_pickle)
-    check_max_length(model_config, config.data.max_length, folder)
-    tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
-    data = prepare_data(config.data, config.task, tokenizer)
-    class_weights(config, data)
+    folder, tokenizer, data = load_inputs(config)
 
     classify = config.task == "classification"
     metric = config.training.metric_for_best_model if classify else "loss"
@@ -511,11 +505,7 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     env = environment(config)
 
     with rundir.hold(tune_dir, takeover=resume):
-        rundir.refuse_existing(tune_dir, overwrite=False, resume=resume)  # again, now that we hold it
-        rundir.create(tune_dir, overwrite=False)
-        fsutil.write_text(tune_dir / rundir.CONFIG, dump_config(config))
-        fsutil.write_json(tune_dir / rundir.ENVIRONMENT, env)
-        fsutil.write_json(tune_dir / rundir.DATA_REPORT, dataclasses.asdict(data.report))
+        start_run_dir(tune_dir, config, env, data, overwrite=False, resume=resume)
         render_data_report_console(data.report)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # peftlab logs each trial itself
         opened = _open_storage(spec)

@@ -67,7 +67,7 @@ def run_in_child(config: ExperimentConfig, method_config: Any, run_dir: Path, me
                  resume: bool) -> RunResult:
     """Train one method in a child process and return its result (a failed one if the child died)."""
     with tempfile.TemporaryDirectory(prefix="peftlab-worker-") as scratch:
-        output = Path(scratch) / "result.json"
+        output = Path(scratch) / "run.json"
         spec = {"config": config.model_dump(mode="json"), "method": method_config.run_name, "seed": seed,
                 "run_dir": str(run_dir), "method_dir": str(method_dir), "resume": resume, "output": str(output),
                 "log_level": logging.getLogger("peftlab").getEffectiveLevel()}
