@@ -132,16 +132,13 @@ def load_inputs(config: ExperimentConfig) -> tuple[Path, Any, Any]:
 
 def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, folder: Path, tokenizer: Any,
                  data: Any, env: dict[str, Any], resume: bool) -> ExperimentResult:
-    from peftlab.models import resolve_dtype
     from peftlab.report import write_report
     from peftlab.artifacts import MODEL_DIR, result_file
     from peftlab.results import PREDICTIONS_FILE
     from peftlab.train import BaseModelSpec, tokenize_splits
     from peftlab.worker import run_in_child, train_one
 
-    base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
-                         dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
-                         allow_pickle=config.model.allow_pickle)
+    base = BaseModelSpec.from_config(config, folder, tokenizer)
     tokenized = tokenize_splits(data, tokenizer, config.data.max_length, config.task)
 
     extra: dict[str, Any] = {}

@@ -54,6 +54,13 @@ class BaseModelSpec:
     trust_remote_code: bool
     allow_pickle: bool
 
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, folder: Path, tokenizer: Any) -> "BaseModelSpec":
+        """The base of ``config.model``, resolved to ``folder`` with its loaded ``tokenizer``."""
+        model = config.model
+        return cls(folder=folder, name=model.path, tokenizer=tokenizer, dtype=resolve_dtype(model.dtype),
+                   trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
+
 
 def tokenize_splits(data: PreparedData, tokenizer: Any, max_length: int, task: str) -> dict[str, Any]:
     """Tokenise each split once (no padding: the collator pads each batch to its longest text)."""

@@ -472,7 +472,6 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     from peftlab.cpu import configure_threads
     from peftlab.evaluate import GREATER_IS_BETTER
     from peftlab.experiment import _select, environment, load_inputs, start_run_dir
-    from peftlab.models import resolve_dtype
     from peftlab.report import render_data_report_console, write_study_report
     from peftlab.train import BaseModelSpec, tokenize_splits
 
@@ -497,9 +496,7 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     tokenized = {**tokenize_splits(dataclasses.replace(data, test=data.validation), tokenizer,
                                    config.data.max_length, config.task),
                  "test": _Sealed("the tokenised test split")}
-    base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
-                         dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
-                         allow_pickle=config.model.allow_pickle)
+    base = BaseModelSpec.from_config(config, folder, tokenizer)
     inputs = _Inputs(data=dataclasses.replace(data, test=_Sealed("data.test")), base=base, tokenized=tokenized,
                      metric=metric, direction="maximize" if GREATER_IS_BETTER[metric] else "minimize")
     env = environment(config)

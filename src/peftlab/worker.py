@@ -98,7 +98,7 @@ def _child_main(spec: dict[str, Any]) -> int:
 
     from peftlab.cpu import configure_threads
     from peftlab.data import prepare_data
-    from peftlab.models import load_tokenizer, resolve_dtype, resolve_model_path
+    from peftlab.models import load_tokenizer, resolve_model_path
     from peftlab.train import BaseModelSpec, tokenize_splits
 
     rundir.check_intact(Path(spec["run_dir"]))  # it may have been deleted while this process started (~5 s)
@@ -110,9 +110,7 @@ def _child_main(spec: dict[str, Any]) -> int:
     data_logger = logging.getLogger("peftlab.data")
     data_logger.setLevel(max(logging.ERROR, spec["log_level"]))  # the parent already reported the data and its warnings
     data = prepare_data(config.data, config.task, tokenizer)
-    base = BaseModelSpec(folder=folder, name=config.model.path, tokenizer=tokenizer,
-                         dtype=resolve_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
-                         allow_pickle=config.model.allow_pickle)
+    base = BaseModelSpec.from_config(config, folder, tokenizer)
     tokenized = tokenize_splits(data, tokenizer, config.data.max_length, config.task)
     result = train_one(config, method_config, data, base, tokenized, Path(spec["method_dir"]), spec["seed"],
                        spec["resume"])
