@@ -18,3 +18,8 @@ def is_main_process() -> bool:
     if state is not None and state.PartialState._shared_state:
         return bool(state.PartialState().is_main_process)
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``, set by torchrun and accelerate launch); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

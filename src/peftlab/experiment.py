@@ -24,7 +24,7 @@ from typing import Any
 
 from peftlab import fsutil, rundir
 from peftlab.config import ExperimentConfig, dump_config
-from peftlab.dist import is_main_process
+from peftlab.dist import is_main_process, world_size
 from peftlab.errors import ConfigError, RunDirError
 from peftlab.results import ExperimentResult, RunResult
 
@@ -55,7 +55,7 @@ def environment(config: ExperimentConfig) -> dict[str, Any]:
         "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "device": device, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "seed": config.training.seed,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": world_size(),
     }
 
 
@@ -150,7 +150,7 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
     seeds = config.training.run_seeds
     # In a child process per method unless distributed: under torchrun every rank already is its own process,
     # and the ranks must train together.
-    isolate = config.training.method_process and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    isolate = config.training.method_process and world_size() == 1
     runs: list[RunResult] = []
     for method_config in selected:
         name = method_config.run_name

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import fsutil, rundir
+from peftlab.dist import world_size
 from peftlab.config import ExperimentConfig, load_config
 from peftlab.errors import ConfigError, FilesystemError, PeftlabError, RunDirError
 from peftlab.methods import search_space
@@ -476,7 +477,7 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     from peftlab.train import BaseModelSpec, tokenize_splits
 
     configure_threads()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         raise ConfigError("peftlab tune runs in one process per worker, not under torchrun/accelerate launch; start "
                           "several `peftlab tune --storage URL` processes to tune in parallel")
     selected = _select(config, methods)
