@@ -888,7 +888,7 @@ def test_remote_code_base_needs_trust_remote_code(tiny_bert: Path, adapters_dir:
 
 def test_skeletons_share_the_base_tensors(client: TestClient) -> None:
     registry = client.app.state.registry
-    group = next(g for g in registry._groups.values() if g.mixable)
+    group = registry.group(registry.entries["lora"])
     shared = {t.data_ptr() for t in registry._shared.values()}
     base = [p for n, p in group.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n
             and "classifier" not in n]

@@ -1,9 +1,10 @@
 """Classify and generate with the adapters of an :class:`~peftlab.serve.store.AdapterStore`.
 
-Inside a group of plain LoRA adapters, rows for different adapters share one forward pass (peft's
-``adapter_names``). Other methods (DoRA, IA3, LoHa, prompt learning, ...) run one forward pass per adapter after
-``set_adapter``: peft 0.21 silently *accepts* ``adapter_names`` for IA3 and prompt tuning and ignores it -- every
-row would get the active adapter's result.
+Rows for different adapters of one group share forward passes (:mod:`~peftlab.serve.mixed`): LoRA, IA3 and
+prompt-tuning rows in one gathered pass, each row with its own adapter's weights, virtual tokens and head;
+methods it cannot gather run one pass per adapter, on that adapter's rows, in the same scheduling step (peft's
+own ``adapter_names`` where :mod:`peftlab.methods` says peft mixes the method). Classification and generation
+take the store's lock of their own task, so a long generation never holds up a classify batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 from peftlab.errors import AdapterError
 from peftlab.serve.discovery import AdapterEntry
+from peftlab.serve import mixed
 from peftlab.serve.errors import TextError, WrongTaskError
 from peftlab.serve.store import AdapterStore
 
@@ -36,7 +38,7 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
     names = list(by_name)
     # More distinct adapters than may be held: take them in chunks, each fully loaded while it runs.
     step = store.max_loaded or len(names)
-    with store.lock:
+    with store.lock_for("classification"):
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
             runnable = []
@@ -52,19 +54,32 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
             for entry in runnable:
                 by_group.setdefault(entry.group_key, []).append(entry)
             for entries in by_group.values():
-                group = store.group(entries[0])
-                if group.mixable:
-                    _run_rows(store, group.model, [i for e in entries for i in by_name[e.name]], rows, results,
-                              mixed=True)
-                    continue
-                for entry in entries:
-                    group.model.set_adapter(entry.peft_name)
-                    _run_rows(store, group.model, by_name[entry.name], rows, results, mixed=False)
+                model = store.group(entries[0]).model
+                by_peft_name = {entry.peft_name: entry for entry in entries}
+                for step_pass in mixed.plan(model, list(by_peft_name), peft_mixes=_peft_mixes(entries[0]),
+                                            gather=store.gather):
+                    indices = [i for peft_name in step_pass.adapters for i in by_name[by_peft_name[peft_name].name]]
+                    _run_rows(store, model, indices, rows, results, step_pass.how)
     return results  # type: ignore[return-value]
 
 
+def _peft_mixes(entry: AdapterEntry) -> bool:
+    """Whether peft's own ``adapter_names`` gives each row its adapter's result for ``entry``'s method.
+
+    :data:`peftlab.methods.MIXED_BATCH` declares it per method where it exists; without it, plain LoRA (peft
+    0.21 refuses ``adapter_names`` with DoRA and silently ignores it for IA3 and prompt learning).
+    """
+    import peftlab.methods as methods
+
+    plain_lora = entry.peft_type == "LORA" and not entry.use_dora
+    declared = getattr(methods, "MIXED_BATCH", None)
+    if declared is None:
+        return plain_lora
+    return plain_lora and entry.method in {str(getattr(m, "value", m)) for m in declared}
+
+
 def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequence[tuple[str, str]],
-              results: list[Any], mixed: bool) -> None:
+              results: list[Any], how: str) -> None:
     from peftlab.data import clean_text
 
     runnable = []
@@ -80,7 +95,7 @@ def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequenc
     for start in range(0, len(order), store.max_batch_rows):
         batch = order[start:start + store.max_batch_rows]
         try:
-            _forward(store, model, batch, rows, results, mixed)
+            _forward(store, model, batch, rows, results, how)
         except Exception as exc:  # one bad text must not fail its batch mates: each row again, alone
             if len(batch) == 1:
                 logger.warning("classifying one text failed: %s", exc, exc_info=True)
@@ -89,20 +104,19 @@ def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequenc
                 continue
             logger.info("a shared forward pass of %d rows failed (%s); running each row alone", len(batch), exc)
             for index in batch:
-                _run_rows(store, model, [index], rows, results, mixed)
+                _run_rows(store, model, [index], rows, results, how)
 
 
 def _forward(store: AdapterStore, model: Any, batch: list[int], rows: Sequence[tuple[str, str]],
-             results: list[Any], mixed: bool) -> None:
+             results: list[Any], how: str) -> None:
     import torch
 
     from peftlab.evaluate import softmax
 
     inputs = _encode(store, [(store.entries[rows[i][0]], rows[i][1]) for i in batch])
-    kwargs = {"adapter_names": [store.entries[rows[i][0]].peft_name for i in batch]} if mixed else {}
     with torch.inference_mode():
-        logits = model(**inputs, **kwargs).logits
-    store.forward_passes += 1
+        logits = mixed.forward(model, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch], how).logits
+    store.count_passes(1)
     probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
     for index, row in zip(batch, probabilities):
         entry = store.entries[rows[index][0]]
@@ -141,12 +155,13 @@ def generate(store: AdapterStore, name: str, prompts: Sequence[str], max_new_tok
     if entry.task != "causal-lm":
         raise WrongTaskError(f"adapter {name!r} is not a causal LM adapter (task {entry.task}); use /v1/classify")
     store.require_ready()
-    with store.lock:
+    # The causal-LM lock: classify batches (the classification lock) run while this generates.
+    with store.lock_for("causal-lm"):
         store.ensure_loaded(entry, keep={name})
         model = store.group(entry).model
         model.set_adapter(entry.peft_name)
         # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
         texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
                                max_new_tokens=max_new_tokens)
-        store.forward_passes += len(prompts)
+        store.count_passes(len(prompts))
     return texts

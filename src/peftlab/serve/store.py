@@ -39,12 +39,11 @@ class AdapterGroup:
     """A PeftModel over a skeleton that shares the base weights; hosts adapters of one group key."""
 
     model: Any
-    mixable: bool
     members: list[str] = field(default_factory=list)  # registry names
 
 
 class AdapterStore:
-    """Registered adapters over one shared base model; thread-safe (one lock around every model use).
+    """Registered adapters over one shared base model; thread-safe (a lock per task around every model use).
 
     Args:
         base: base model alias or folder.
@@ -55,10 +54,16 @@ class AdapterStore:
         max_batch_rows: texts per forward pass.
         trust_remote_code: run the base model folder's own Python code (as ``model.trust_remote_code``).
         allow_pickle: accept pickle weights (``.bin``) for the base and adapters (as ``model.allow_pickle``).
+        gather: rows of different LoRA, IA3 or prompt-tuning adapters share one gathered forward pass
+            (:mod:`~peftlab.serve.mixed`); False runs one pass per adapter (to measure what gathering is worth).
 
     Attributes:
-        lock: held around every use of a model (loading, unloading, inference).
-        forward_passes: forward passes run so far; inference counts them.
+        forward_passes: forward passes run so far; inference counts them (:meth:`count_passes`).
+
+    Each task (classification, causal-lm) has its own lock (:meth:`lock_for`), held around every use of that
+    task's models: loading, unloading, inference. Its groups and entries are that task's alone, so a
+    generation and a classify batch run at the same time; only an eviction across tasks needs the other lock,
+    and takes it only if it is free.
 
     Raises:
         AdapterError: ``adapters_dir`` holds no adapter.
@@ -66,10 +71,11 @@ class AdapterStore:
 
     def __init__(self, base: str, adapters_dir: Path, *, max_loaded: int = 32, device: str | None = None,
                  dtype: str = "auto", max_batch_rows: int = 64, trust_remote_code: bool = False,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, gather: bool = True) -> None:
         self.base = base
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
+        self.gather = gather
         self.adapters_dir = adapters_dir
         self.max_loaded = max(0, int(max_loaded))
         self.max_batch_rows = max(1, int(max_batch_rows))
@@ -85,7 +91,8 @@ class AdapterStore:
         self.state = "starting"  # starting -> ready | failed
         self.error: str | None = None
         self.forward_passes = 0  # for tests and /health: proof that rows share passes
-        self.lock = threading.RLock()  # held around every model use, by inference too
+        self._locks = {task: threading.RLock() for task in ("classification", "causal-lm")}
+        self._count_lock = threading.Lock()
         self._groups: dict[tuple[str, str, bool, int], AdapterGroup] = {}
         self._shared: dict[str, Any] = {}
         self._config: Any = None
@@ -125,8 +132,8 @@ class AdapterStore:
                 logger.warning("--eager: loading the first %d of %d adapters (--max-loaded); the rest load on "
                                "first use", self.max_loaded, len(candidates))
                 candidates = candidates[:self.max_loaded]
-            with self.lock:
-                for entry in candidates:
+            for entry in candidates:
+                with self.lock_for(entry.task):
                     try:
                         self.ensure_loaded(entry, keep={entry.name})
                     except AdapterError:
@@ -166,6 +173,17 @@ class AdapterStore:
         self._shared = dict(chain(model.named_parameters(remove_duplicate=False),
                                   model.named_buffers(remove_duplicate=False)))
         logger.info("base model %s loaded in %.1f s", folder, time.perf_counter() - started)
+
+    # -- locks and counts
+
+    def lock_for(self, task: str) -> Any:
+        """The lock held around every use of ``task``'s models (classification or causal-lm)."""
+        return self._locks.get(task, self._locks["classification"])
+
+    def count_passes(self, count: int) -> None:
+        """Add ``count`` forward passes to :attr:`forward_passes` (from either task's thread)."""
+        with self._count_lock:
+            self.forward_passes += count
 
     # -- lookup and status
 
@@ -236,7 +254,7 @@ class AdapterStore:
         """
         entry = self.entry(name)
         self.require_ready()
-        with self.lock:
+        with self.lock_for(entry.task):
             if not entry.loaded:
                 if not entry.broken:
                     entry.error = None  # an explicit load retries an adapter that failed before
@@ -247,13 +265,14 @@ class AdapterStore:
         """Drop adapter ``name`` from memory (it stays registered and loads again on use)."""
         entry = self.entry(name)
         self.require_ready()
-        with self.lock:
+        with self.lock_for(entry.task):
             if entry.loaded:
                 self._unload(entry)
             return entry.info()
 
     def ensure_loaded(self, entry: AdapterEntry, keep: set[str]) -> None:
-        """Load ``entry`` unless it is loaded (evicting the least recently used but ``keep``); call with :attr:`lock`.
+        """Load ``entry`` unless it is loaded (evicting the least recently used but ``keep``); call holding
+        ``lock_for(entry.task)``.
 
         Raises:
             InvalidAdapterError: its files are unusable (kept on the entry: it is not retried on use).
@@ -265,7 +284,7 @@ class AdapterStore:
         if entry.error is not None:
             kind = AdapterUnavailableError if entry.out_of_memory else InvalidAdapterError
             raise kind(f"adapter {entry.name!r} failed to load: {entry.error}")
-        self._evict(keep | {entry.name})
+        self._evict(keep | {entry.name}, entry.task)
         try:
             self._check_files(entry)
             self._load_into_group(entry)
@@ -303,7 +322,7 @@ class AdapterStore:
             config.inference_mode = True
             model = get_peft_model(self._skeleton(entry.task, len(entry.labels)), config,
                                    adapter_name=entry.peft_name)
-            group = AdapterGroup(model=model, mixable=entry.mixable)
+            group = AdapterGroup(model=model)
         try:
             _check_load_result(entry, group.model.load_adapter(folder, adapter_name=entry.peft_name),
                                group.model.peft_config[entry.peft_name].is_prompt_learning)
@@ -317,17 +336,28 @@ class AdapterStore:
         group.model.eval()
         group.members.append(entry.name)
 
-    def _evict(self, keep: set[str]) -> None:
+    def _evict(self, keep: set[str], task: str) -> None:
+        """Unload least recently used adapters (not in ``keep``) until there is room; the caller holds ``task``'s
+        lock. An adapter of the other task is unloaded only if that task's lock is free: waiting for it (a long
+        generation) is what this lock split avoids, and two tasks each waiting for the other would deadlock."""
         if not self.max_loaded:
             return
         while self._loaded_count() >= self.max_loaded:
             victims = sorted((e for e in self.entries.values() if e.loaded and e.name not in keep),
                              key=lambda e: e.last_used)
-            if not victims:
+            for victim in victims:
+                lock = self.lock_for(victim.task)
+                if not lock.acquire(blocking=victim.task == task):
+                    continue
+                try:
+                    logger.info("unloading adapter %s (least recently used; --max-loaded %d)", victim.name,
+                                self.max_loaded)
+                    self._unload(victim)
+                finally:
+                    lock.release()
+                break
+            else:  # everything else is in use: load over the limit rather than fail the request
                 return
-            logger.info("unloading adapter %s (least recently used; --max-loaded %d)", victims[0].name,
-                        self.max_loaded)
-            self._unload(victims[0])
 
     def _unload(self, entry: AdapterEntry) -> None:
         group = self._groups[entry.group_key]
