@@ -1,10 +1,11 @@
 """Classify and generate with the adapters of an :class:`~peftlab.serve.store.AdapterStore`.
 
-Rows for different adapters of one group share forward passes (:mod:`~peftlab.serve.mixed`): LoRA, IA3 and
-prompt-tuning rows in one gathered pass, each row with its own adapter's weights, virtual tokens and head;
-methods it cannot gather run one pass per adapter, on that adapter's rows, in the same scheduling step (peft's
-own ``adapter_names`` where :mod:`peftlab.methods` says peft mixes the method). Classification and generation
-take the store's lock of their own task, so a long generation never holds up a classify batch.
+Rows for different adapters share forward passes (:mod:`~peftlab.serve.mixed`): rows of LoRA, IA3 and
+prompt-tuning adapters with as many classes run in one gathered pass, each with its own adapter's weights,
+virtual tokens and head, whichever PeftModel (group) the adapter lives in. Adapters it cannot gather run one
+pass per adapter, on that adapter's rows, in the same scheduling step (peft's own ``adapter_names`` where
+:mod:`peftlab.methods` says peft mixes the method). Classification and generation take the store's lock of
+their own task, so a long generation never holds up a classify batch.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from typing import Any, Sequence
 
 from peftlab.errors import AdapterError
-from peftlab.serve.discovery import AdapterEntry
 from peftlab.serve import mixed
+from peftlab.serve.discovery import AdapterEntry
 from peftlab.serve.errors import TextError, WrongTaskError
 from peftlab.serve.store import AdapterStore
 
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[str, Any] | Exception]:
-    """Classify ``(adapter, text)`` rows with ``store``'s adapters; rows of all adapters share forward passes
-    where peft allows.
+    """Classify ``(adapter, text)`` rows with ``store``'s adapters; rows of different adapters share forward
+    passes (see the module's docstring).
 
     Returns:
         Per row, a dict (adapter, label, score, probabilities) or the exception that row failed with: an
@@ -38,7 +39,7 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
     names = list(by_name)
     # More distinct adapters than may be held: take them in chunks, each fully loaded while it runs.
     step = store.max_loaded or len(names)
-    with store.lock_for("classification"):
+    with store.lock_for("classification"), store.classifying():
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
             runnable = []
@@ -50,16 +51,18 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
                 except AdapterError as exc:
                     for index in by_name[name]:
                         results[index] = exc
-            by_group: dict[tuple[str, str, bool, int], list[AdapterEntry]] = {}
+            # Adapters of every method with as many classes share passes (their PeftModels share the base).
+            by_heads: dict[int, list[AdapterEntry]] = {}
             for entry in runnable:
-                by_group.setdefault(entry.group_key, []).append(entry)
-            for entries in by_group.values():
-                model = store.group(entries[0]).model
+                by_heads.setdefault(len(entry.labels), []).append(entry)
+            for entries in by_heads.values():
+                models = {entry.peft_name: store.group(entry).model for entry in entries}
+                mixes = {id(models[e.peft_name]): _peft_mixes(e) for e in entries}
                 by_peft_name = {entry.peft_name: entry for entry in entries}
-                for step_pass in mixed.plan(model, list(by_peft_name), peft_mixes=_peft_mixes(entries[0]),
-                                            gather=store.gather):
+                for step_pass in mixed.plan(models, peft_mixes=lambda m, mixes=mixes: mixes[id(m)], mode=store.mixing,
+                                            known=store.gatherable):
                     indices = [i for peft_name in step_pass.adapters for i in by_name[by_peft_name[peft_name].name]]
-                    _run_rows(store, model, indices, rows, results, step_pass.how)
+                    _run_rows(store, models, indices, rows, results, step_pass.how)
     return results  # type: ignore[return-value]
 
 
@@ -78,7 +81,7 @@ def _peft_mixes(entry: AdapterEntry) -> bool:
     return plain_lora and entry.method in {str(getattr(m, "value", m)) for m in declared}
 
 
-def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequence[tuple[str, str]],
+def _run_rows(store: AdapterStore, models: dict[str, Any], indices: list[int], rows: Sequence[tuple[str, str]],
               results: list[Any], how: str) -> None:
     from peftlab.data import clean_text
 
@@ -95,7 +98,7 @@ def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequenc
     for start in range(0, len(order), store.max_batch_rows):
         batch = order[start:start + store.max_batch_rows]
         try:
-            _forward(store, model, batch, rows, results, how)
+            _forward(store, models, batch, rows, results, how)
         except Exception as exc:  # one bad text must not fail its batch mates: each row again, alone
             if len(batch) == 1:
                 logger.warning("classifying one text failed: %s", exc, exc_info=True)
@@ -104,10 +107,10 @@ def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequenc
                 continue
             logger.info("a shared forward pass of %d rows failed (%s); running each row alone", len(batch), exc)
             for index in batch:
-                _run_rows(store, model, [index], rows, results, how)
+                _run_rows(store, models, [index], rows, results, how)
 
 
-def _forward(store: AdapterStore, model: Any, batch: list[int], rows: Sequence[tuple[str, str]],
+def _forward(store: AdapterStore, models: dict[str, Any], batch: list[int], rows: Sequence[tuple[str, str]],
              results: list[Any], how: str) -> None:
     import torch
 
@@ -115,7 +118,8 @@ def _forward(store: AdapterStore, model: Any, batch: list[int], rows: Sequence[t
 
     inputs = _encode(store, [(store.entries[rows[i][0]], rows[i][1]) for i in batch])
     with torch.inference_mode():
-        logits = mixed.forward(model, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch], how).logits
+        logits = mixed.forward(models, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch],
+                               how).logits
     store.count_passes(1)
     probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
     for index, row in zip(batch, probabilities):
@@ -160,8 +164,13 @@ def generate(store: AdapterStore, name: str, prompts: Sequence[str], max_new_tok
         store.ensure_loaded(entry, keep={name})
         model = store.group(entry).model
         model.set_adapter(entry.peft_name)
-        # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
-        texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
-                               max_new_tokens=max_new_tokens)
+        # Each generated token is one forward pass of the base: before each, let a running classify call finish.
+        hook = model.get_base_model().register_forward_pre_hook(lambda module, args: store.yield_to_classify())
+        try:
+            # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
+            texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
+                                   max_new_tokens=max_new_tokens)
+        finally:
+            hook.remove()
         store.count_passes(len(prompts))
     return texts
