@@ -147,6 +147,17 @@ def test_what_cannot_be_gathered_runs_per_adapter_or_through_peft(tiny_bert: Pat
                       mixed.Pass(("d-b",), mixed.ALONE)]
     rows = rows_for(list(models))
     np.testing.assert_allclose(run_plan(models, tok, rows, passes), per_row(models, tok, rows), atol=1e-5, rtol=0)
+    # An adapter with a LoRA embedding layer beside gatherable ones in the same PeftModel: it runs alone, and the
+    # gathered pass is not changed by its layer even when it was the active adapter.
+    beside = held(tiny_models(tiny_bert, {**{n: make() for n, make in LORA.items()},
+                                          "e": peft.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                               target_modules=["query", "word_embeddings"])}))
+    passes = mixed.plan(beside)
+    assert passes == [mixed.Pass(tuple(LORA), mixed.GATHERED), mixed.Pass(("e",), mixed.ALONE)]
+    rows = rows_for(list(beside))
+    want = per_row(beside, tok, rows)
+    beside["e"].set_adapter("e")
+    np.testing.assert_allclose(run_plan(beside, tok, rows, passes), want, atol=1e-5, rtol=0)
     # A LoRA embedding layer is not gathered: peft's adapter_names where the method allows it, else one per adapter.
     embedded = held(tiny_models(tiny_bert, {n: peft.LoraConfig(task_type="SEQ_CLS", r=4,
                                                                 target_modules=["query", "word_embeddings"])

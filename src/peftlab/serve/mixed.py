@@ -26,11 +26,10 @@ weights are untouched: the forwards are instance attributes, removed when the pa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["ALONE", "GATHERED", "MODES", "PEFT", "Pass", "forward", "plan"]
 
@@ -94,6 +93,8 @@ def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda m
     # the rows without, each other count has its own pass.
     tokens = {name: _virtual_tokens(models[name], name) for name in gatherable}
     counts = Counter(n for n in tokens.values() if n)
+    if mode == "one" and not all(_pools_first_token(models[n]) for n in gatherable):
+        mode = "tokens"  # a decoder's classifier reads its last text token through input_ids: prompts apart
     if mode == "one":
         joined = counts.most_common(1)[0][0] if counts else None
         parts = [[n for n in gatherable if tokens[n] in (0, joined)]]
@@ -127,6 +128,14 @@ def forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: Seq
 
 
 # -- what can be gathered
+
+def _pools_first_token(model: Any) -> bool:
+    """Whether the classifier reads the first position (encoders: BERT, RoBERTa, ... ``classifier``), so that rows
+    padded at the end beside prompt rows are unchanged. Decoders' classifiers (``score``: Llama, GPT-2, ...) find
+    each row's last text token from ``input_ids``, which a pass with virtual tokens cannot give them."""
+    tree = model.get_base_model()
+    return hasattr(tree, "classifier") and not hasattr(tree, "score")
+
 
 def _virtual_tokens(model: Any, name: str) -> int:
     config = model.peft_config[name]
@@ -219,19 +228,20 @@ def _gathered_forward(models: Mapping[str, Any], inputs: dict[str, Any], row_ada
     rows = _Rows(row_adapters, next(tree.parameters()).device)
     replaced = []
     try:
-        for site in cache[key]:
+        # Every site is replaced, those where no row's adapter is run their base alone: the host's active adapter
+        # then never matters (set_adapter walks every layer and adapter: its cost grows with the adapters held).
+        for site in cache[key].sites:
             lora = {n: site.lora[n] for n in site.lora if n in present}
             ia3 = {n: site.ia3[n] for n in site.ia3 if n in present}
             heads = {n: site.heads[n] for n in site.heads if n in present}
-            if heads:
+            if heads or (site.heads and not (site.lora or site.ia3)):
                 site.module.forward = functools.partial(_head_forward, site.base, heads, rows)
-            elif lora or ia3:
-                site.module.forward = functools.partial(_layer_forward, site.base, lora, ia3, rows)
             else:
-                continue
+                site.module.forward = functools.partial(_layer_forward, site.base, lora, ia3, rows)
             replaced.append(site.module)
-        # The host's active adapter is a row's: its layers holding no row's adapter then run their base alone.
-        if host.active_adapter != row_adapters[0]:
+        if cache[key].others and host.active_adapter != row_adapters[0]:
+            # Layers of other kinds (an embedding's LoRA, ...) run peft's forward: a row's adapter is the active
+            # one, so they run their base alone unless it is theirs (it is not: the row is in a gathered pass).
             host.set_adapter(row_adapters[0])
         prompts = {name: _prompt(models[name], name) for name in dict.fromkeys(row_adapters)
                    if models[name].peft_config[name].is_prompt_learning}
@@ -254,7 +264,13 @@ class _Site:
     heads: dict[str, Any] = field(default_factory=dict)  # adapter -> its head copy (modules_to_save) here
 
 
-def _layout(tree: Any, trees: list[Any]) -> list[_Site]:
+@dataclass
+class _Layout:
+    sites: list[_Site]
+    others: bool  # the host has peft layers that are no site (their forward follows the active adapter)
+
+
+def _layout(tree: Any, trees: list[Any]) -> _Layout:
     """Every module of ``tree`` (the host) that an adapter of ``trees`` adapts, found by module path: peft wraps a
     module in place, so the same path names the same base module in every tree."""
     from peft.tuners.ia3.layer import Linear as IA3Linear
@@ -262,7 +278,7 @@ def _layout(tree: Any, trees: list[Any]) -> list[_Site]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
-    sites = []
+    sites, others = [], False
     wrapped: tuple[str, ...] = ()  # peft wrappers in the host: what is inside them is not the model's own module
     for path, module in tree.named_modules():
         if not path or path.startswith(wrapped):
@@ -283,7 +299,9 @@ def _layout(tree: Any, trees: list[Any]) -> list[_Site]:
                 site.heads.update(there.modules_to_save)
         if site.lora or site.ia3 or site.heads:
             sites.append(site)
-    return sites
+        elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            others = True
+    return _Layout(sites, others)
 
 
 def _as_rows(x: Any, batch: int) -> Any:
@@ -300,6 +318,8 @@ def _layer_forward(base: Any, lora: dict[str, Any], ia3: dict[str, Any], rows: _
                    **kwargs: Any) -> Any:
     """Each row's own adapter on a base layer: IA3 scaling of the input (feed-forward) or output, or a LoRA update
     (a row has one adapter: the others multiply it by exact ones and add exact zeros)."""
+    if not (lora or ia3):
+        return _call_base(base, x, *args, **kwargs)
     scale_in = {name: layer for name, layer in ia3.items() if layer.is_feedforward}
     scale_out = {name: layer for name, layer in ia3.items() if not layer.is_feedforward}
     layer_input = x
@@ -361,6 +381,8 @@ def _head_forward(original: Any, heads: dict[str, Any], rows: _Rows, x: Any, *ar
     """Each row's own head copy (the original module for a row whose adapter has none)."""
     import torch
 
+    if not heads:
+        return _call_base(original, x, *args, **kwargs)
     present, index, absent = rows.slots(list(heads))
     modules = [heads[name] for name in present] + [original] * absent
     linear = (not args and not kwargs and all(type(m) is torch.nn.Linear for m in modules)
