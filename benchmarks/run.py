@@ -12,6 +12,7 @@ Scenarios (each training run is its own process, so its peak memory is its own):
            thread count, gradient checkpointing)
 
 Usage: python benchmarks/run.py [--only recipe,lora,methods,serve,fast] [--train-samples N] [--render-only]
+       [--methods full,lora]   (scenario methods: only these; the others' saved results are kept)
 Results: benchmarks/results/<scenario>.json and docs/benchmarks.md (+ PNG plot in docs/); on a CUDA machine
 benchmarks/results/cuda/<scenario>.json and docs/benchmarks_cuda.md, so CPU results are kept.
 """
@@ -138,32 +139,79 @@ def scenario_lora(train_samples: int) -> dict[str, Any]:
 
 
 # Quality is an axis of this scenario, so it trains long enough to leave the majority class behind: at 480 rows and
-# one epoch (30 steps) most methods still predicted one class (macro F1 ~0.20). 2,000 rows x 2 epochs is 250 steps.
-METHODS_TRAIN_SAMPLES, METHODS_EPOCHS = 2000, 2
+# one epoch (30 steps) most methods still predicted one class (macro F1 ~0.20). configs/all_methods.yaml trains on
+# 2,000 rows for 2 epochs (250 steps) and tunes every method with the same trial budget first.
+METHODS_CONFIG = REPO / "configs" / "all_methods.yaml"
+METHODS_WORK = REPO / "runs" / "bench-methods"
 
 
-def scenario_methods(train_samples: int) -> dict[str, Any]:
-    from peftlab.config import METHOD_CONFIGS
+def majority_f1(predictions_file: Path) -> float:
+    """Macro F1 of predicting the most frequent class for every test row (the floor a method must clear)."""
+    from peftlab.results import load_predictions
 
-    del train_samples  # see METHODS_TRAIN_SAMPLES
-    config = REPO / "configs" / "default.yaml"
-    overrides = [f"data.max_train_samples={METHODS_TRAIN_SAMPLES}", "data.max_eval_samples=500",
-                 f"training.epochs={METHODS_EPOCHS}"]
-    methods = list(METHOD_CONFIGS)
+    saved = load_predictions(predictions_file)
+    counts = [int((saved.true == k).sum()) for k in range(len(saved.labels))]
+    share = max(counts) / sum(counts)
+    return (2 * share / (1 + share)) / len(saved.labels)
+
+
+def tuned_method(method: str) -> dict[str, Any]:
+    """Tune one method of configs/all_methods.yaml (its own study, the config's trial budget), then run it.
+
+    Kept in runs/bench-methods/<method> (and <method>-tune): a method already done there is read back, so
+    methods can be added to the scenario one at a time under the same budget.
+    """
+    out = METHODS_WORK / method
+    tune_dir = METHODS_WORK / f"{method}-tune"
+    wall = None
+    if not ((out / method / "result.json").exists() and (tune_dir / "study.json").exists()):
+        command = [PYTHON, "-m", "peftlab.cli", "-q", "run", str(METHODS_CONFIG), "--tune", "--methods", method,
+                   "--output", str(out), "--overwrite"]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0 and not (out / method / "result.json").exists():
+            raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
+        (tune_dir / "bench_wall_s.txt").write_text(f"{wall}\n")
+    elif (tune_dir / "bench_wall_s.txt").exists():
+        wall = float((tune_dir / "bench_wall_s.txt").read_text())
+    run = json.loads((out / method / "result.json").read_text())
+    study = next(m for m in json.loads((tune_dir / "study.json").read_text())["methods"] if m["name"] == method)
+    states = [t["state"] for t in study["trials"]]
+    run["study"] = {"trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+                    "best_trial": study["best_trial"], "best_validation": study["best_value"],
+                    "chosen": study["chosen"], "defaults_won": study["best_trial"] == 0,
+                    "validation": [t["value"] for t in study["trials"]],
+                    "learning_rates": [t["params"].get("learning_rate") for t in study["trials"]]}
+    run["tune_and_run_wall_s"] = wall
+    if run.get("predictions_file"):
+        run["majority_f1"] = majority_f1(out / run["predictions_file"])
+    return run
+
+
+def scenario_methods(train_samples: int, only: list[str] | None = None) -> dict[str, Any]:
+    import yaml
+
+    from peftlab.config import load_config
+
+    del train_samples  # the config's scale (see METHODS_CONFIG)
+    config = load_config(METHODS_CONFIG)
+    names = [m.run_name for m in config.methods]
+    previous = {}
+    if only and (RESULTS / "methods.json").exists():
+        previous = json.loads((RESULTS / "methods.json").read_text()).get("runs", {})
     runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "all.yaml"
-        import yaml
-
-        tree = yaml.safe_load(config.read_text())
-        # full, lora and prompt_tuning as configs/default.yaml sets them; the others with their defaults
-        configured = {item["method"]: item for item in tree["methods"]}
-        tree["methods"] = [configured.get(m, m) for m in methods]
-        tree["data"]["path"] = "shipped:vader-movie-snippets"
-        base.write_text(yaml.safe_dump(tree, allow_unicode=True))
-        for method in methods:
-            runs[method] = peftlab_method(base, method, Path(tmp) / method, overrides)
-    return {"settings": {"model": "minilm-l6", "train_samples": METHODS_TRAIN_SAMPLES, "epochs": METHODS_EPOCHS},
+    for name in names:
+        if only and name not in only and name in previous:
+            runs[name] = previous[name]
+        elif not only or name in only:
+            runs[name] = tuned_method(name)
+    tree = yaml.safe_load(METHODS_CONFIG.read_text())
+    return {"settings": {"config": "configs/all_methods.yaml", "model": tree["model"]["path"],
+                         "train_samples": tree["data"]["max_train_samples"],
+                         "eval_samples": tree["data"]["max_eval_samples"], "epochs": tree["training"]["epochs"],
+                         "trials": config.tune.trials, "pruner": config.tune.pruner,
+                         "metric": config.training.metric_for_best_model},
             "runs": runs}
 
 
@@ -480,6 +528,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     parser.add_argument("--train-samples", type=int, default=480)
     parser.add_argument("--render-only", action="store_true", help="rebuild docs/benchmarks.md from saved results")
+    parser.add_argument("--methods", help="scenario methods: run only these (comma-separated), keep the others' "
+                        "saved results")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
     on_gpu = results["machine"]["cuda"] is not None
@@ -494,7 +544,10 @@ def main() -> None:
     for name in [] if args.render_only else args.only.split(","):
         started = time.time()
         print(f"== {name}", flush=True)
-        results[name] = scenarios[name](args.train_samples)
+        if name == "methods" and args.methods:
+            results[name] = scenario_methods(args.train_samples, args.methods.split(","))
+        else:
+            results[name] = scenarios[name](args.train_samples)
         results[name]["machine"] = results["machine"]
         (results_dir / f"{name}.json").write_text(json.dumps(results[name], indent=2, ensure_ascii=False))
         print(f"   {time.time() - started:.0f} s", flush=True)
