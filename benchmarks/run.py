@@ -5,13 +5,15 @@ Scenarios (each training run is its own process, so its peak memory is its own):
            peftlab's defaults, one default switched on at a time; then quality at the default experiment's scale
   lora     LoRA against full fine-tuning on the multilingual encoder (embeddings ~80% of the weights) and
            on the small English encoder
-  methods  every method on one task: quality against cost (Pareto table and plot)
+  methods  every method of configs/all_methods.yaml tuned within one trial budget, then compared on the test split:
+           intervals, paired verdicts against full, the majority-class floor, quality against cost
+  tune_cost  the tuner's wall time per method as a multiple of one untuned run, pruning on and off
   serve    requests/s and p50/p95 latency of `peftlab serve` with 1, 4 and 16 adapters; memory per adapter
            against one model per task; merged against unmerged forward passes
   fast     the measured effect of each fast-path default (inference_mode, longest-first batches, fused AdamW,
            thread count, gradient checkpointing)
 
-Usage: python benchmarks/run.py [--only recipe,lora,methods,serve,fast] [--train-samples N] [--render-only]
+Usage: python benchmarks/run.py [--only recipe,lora,methods,tune_cost,serve,fast] [--train-samples N] [--render-only]
        [--methods full,lora]   (scenario methods: only these; the others' saved results are kept)
 Results: benchmarks/results/<scenario>.json and docs/benchmarks.md (+ PNG plot in docs/); on a CUDA machine
 benchmarks/results/cuda/<scenario>.json and docs/benchmarks_cuda.md, so CPU results are kept.
@@ -148,11 +150,9 @@ METHODS_WORK = REPO / "runs" / "bench-methods"
 def majority_f1(predictions_file: Path) -> float:
     """Macro F1 of predicting the most frequent class for every test row (the floor a method must clear)."""
     from peftlab.results import load_predictions
+    from peftlab.stats import majority_metrics
 
-    saved = load_predictions(predictions_file)
-    counts = [int((saved.true == k).sum()) for k in range(len(saved.labels))]
-    share = max(counts) / sum(counts)
-    return (2 * share / (1 + share)) / len(saved.labels)
+    return majority_metrics(load_predictions(predictions_file))["f1_macro"]
 
 
 def tuned_method(method: str) -> dict[str, Any]:
@@ -189,6 +189,24 @@ def tuned_method(method: str) -> dict[str, Any]:
     return run
 
 
+def methods_statistics(runs: dict[str, dict[str, Any]], reference: str) -> dict[str, Any] | None:
+    """Bootstrap intervals and paired verdicts against ``reference`` from every method's saved test predictions.
+
+    All methods ran on the same split of the same config, so their predictions are on the same test rows.
+    """
+    from peftlab.results import load_predictions
+    from peftlab.stats import experiment_statistics
+
+    saved = []
+    for name, run in runs.items():
+        path = METHODS_WORK / name / (run.get("predictions_file") or "-")
+        if run.get("status") == "ok" and path.is_file():
+            saved.append((name, run.get("seed"), load_predictions(path)))
+    if not saved:
+        return None
+    return experiment_statistics(saved, reference if reference in runs else None, samples=1000, seed=0).to_dict()
+
+
 def scenario_methods(train_samples: int, only: list[str] | None = None) -> dict[str, Any]:
     import yaml
 
@@ -207,12 +225,47 @@ def scenario_methods(train_samples: int, only: list[str] | None = None) -> dict[
         elif not only or name in only:
             runs[name] = tuned_method(name)
     tree = yaml.safe_load(METHODS_CONFIG.read_text())
-    return {"settings": {"config": "configs/all_methods.yaml", "model": tree["model"]["path"],
+    stats = methods_statistics(runs, config.report.reference or "full")
+    return {"stats": stats, "settings": {"config": "configs/all_methods.yaml", "model": tree["model"]["path"],
                          "train_samples": tree["data"]["max_train_samples"],
                          "eval_samples": tree["data"]["max_eval_samples"], "epochs": tree["training"]["epochs"],
                          "trials": config.tune.trials, "pruner": config.tune.pruner,
                          "metric": config.training.metric_for_best_model},
             "runs": runs}
+
+
+def scenario_tune_cost(train_samples: int) -> dict[str, Any]:
+    """The tuner's wall time per method as a multiple of one untuned run, pruning on and off (tune_cost.py)."""
+    del train_samples  # tune_cost.py's own scale (1,000 rows, 2 epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tune_cost.json"
+        done = subprocess.run([PYTHON, str(REPO / "benchmarks" / "tune_cost.py"), "--trials", "4",
+                               "--output", str(out)], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        if done.returncode != 0:
+            raise RuntimeError(f"tune_cost.py failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def render_tune_cost(r: dict[str, Any]) -> list[str]:
+    lines = ["## 3b. What tuning costs", "",
+             f"`benchmarks/tune_cost.py`: `configs/default.yaml` at {r['train_rows']:,} training rows, "
+             f"{r['eval_rows']} validation rows, {r['epochs']:g} epochs; {r['trials_per_method']} trials per method, "
+             "a fresh study each time, the same seed. The unit is one untuned run of the method (train, validate "
+             "each epoch, test).", "",
+             "| method | untuned run | untuned validation F1 | pruning off: time | best validation F1 | "
+             "pruning on: time | best validation F1 | trials pruned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in r["methods"].items():
+        off, on = row["pruning_off"], row["pruning_on"]
+        lines.append(f"| {name} | {row['untuned_s']:.0f} s | {row['untuned_validation']:.3f} | "
+                     f"{_times(off['multiple_of_untuned'])} | {off['best_validation']:.3f} | "
+                     f"{_times(on['multiple_of_untuned'])} | {on['best_validation']:.3f} | "
+                     f"{on['pruned']} of {on['trials']} |")
+    lines += ["", "A study of N trials costs about N untuned runs without pruning; the median pruner stops trials "
+              "that are behind the median of earlier trials after an epoch, so it saves time only once a few trials "
+              "have finished (`tune.prune_after_trials`).", ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- scenarios 4 and fast
@@ -318,45 +371,104 @@ def render_lora(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _lr(value: Any) -> str:
+    return f"{value:.1e}" if isinstance(value, float) else "-"
+
+
+def _chosen_options(chosen: dict[str, Any]) -> str:
+    rest = {k: v for k, v in chosen.items() if k != "learning_rate"}
+    return ", ".join(f"{k}={'/'.join(v) if isinstance(v, list) else v}" for k, v in rest.items()) or "-"
+
+
 def render_methods(results: dict[str, Any]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    runs = {name: run for name, run in results["runs"].items() if run.get("status", "ok") == "ok"}
+    failed = {name: run for name, run in results["runs"].items() if run.get("status", "ok") != "ok"}
     settings = results["settings"]
+    stats = {m["name"]: m for m in (results.get("stats") or {}).get("methods", [])}
     epochs = settings["epochs"]
-    lines = [f"## 3. Every method on one task (minilm-l6, VADER, {settings['train_samples']} rows, "
-             f"{epochs} epoch{'s' if epochs != 1 else ''})", "",
-             "full, lora and prompt_tuning as `configs/default.yaml` sets them, the other methods with their "
-             "defaults (`peftlab methods`); the default experiment's training settings; validation and test "
-             "splits capped at 500 rows.", "",
-             "| method | trainable | step time | peak RSS | disk | test macro F1 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"## 3. Every method on one task, each tuned within the same budget", "",
+             f"`{settings['config']}`: {settings['model']} on the shipped VADER movie snippets (3 classes), "
+             f"{settings['train_samples']:,} training rows, {epochs} epoch{'s' if epochs != 1 else ''}, validation "
+             f"and test splits of up to {settings['eval_samples']} rows. Each method is tuned first "
+             f"(`peftlab run configs/all_methods.yaml --tune`): an Optuna study of **{settings['trials']} trials per "
+             f"method, the same for every method** (trial 0 is the config's own settings, then TPE), "
+             f"{settings['pruner']} pruning, on validation {settings['metric']} only; the test split is read once, "
+             "by the final run with the chosen settings. Intervals are 95% bootstrap intervals over the test rows "
+             "(1,000 resamples); the difference from full is paired (the same resampled rows for both).", "",
+             "| method | chosen learning rate | other chosen settings | trials (pruned) | best validation F1 | "
+             "test macro F1 [95% CI] | minus full [95% CI] | verdict | over majority class |",
+             "|---|---:|---|---:|---:|---:|---:|---|---:|"]
     for name, run in runs.items():
+        study, m = run.get("study", {}), stats.get(name)
+        ci = (f"{m['metrics']['f1_macro']['estimate']:.3f} [{m['metrics']['f1_macro']['low']:.3f}, "
+              f"{m['metrics']['f1_macro']['high']:.3f}]" if m else f"{run['test_metrics']['f1_macro']:.3f}")
+        comparison = (m or {}).get("comparisons", {}).get("f1_macro")
+        diff = (f"{comparison['difference']['estimate']:+.3f} [{comparison['difference']['low']:+.3f}, "
+                f"{comparison['difference']['high']:+.3f}]" if comparison else "reference" if name == "full" else "-")
+        verdict = comparison["verdict"] if comparison else "-"
+        floor = run.get("majority_f1")
+        over = f"{run['test_metrics']['f1_macro'] - floor:+.3f}" if floor is not None else "-"
+        lines.append(f"| {name} | {_lr(study.get('chosen', {}).get('learning_rate'))} | "
+                     f"{_chosen_options(study.get('chosen', {}))} | {study.get('trials', '-')} "
+                     f"({study.get('pruned', 0)}) | {study.get('best_validation') or 0:.3f} | {ci} | {diff} | "
+                     f"{verdict} | {over} |")
+    for name, run in failed.items():
+        lines.append(f"| {name} | failed: {run.get('error')} | | | | | | | |")
+    floors = [r["majority_f1"] for r in runs.values() if r.get("majority_f1") is not None]
+    if floors:
+        floor = floors[0]
+        short = [n for n, r in runs.items() if r["test_metrics"]["f1_macro"] < floor + 0.15]
+        lines += ["", f"The majority class alone scores macro F1 {floor:.3f} on this test split. "
+                  + (f"Every method clears it by at least 0.15." if not short else
+                     f"{', '.join(short)} stay{'s' if len(short) == 1 else ''} within 0.15 of it; "
+                     "their studies (validation F1 per trial, learning rate tried): "
+                     + "; ".join(f"{n}: " + ", ".join(f"{v:.3f} at {_lr(lr)}" if v is not None else f"pruned/failed at {_lr(lr)}"
+                                                   for v, lr in zip(runs[n]['study']['validation'],
+                                                                    runs[n]['study']['learning_rates']))
+                                 for n in short) + ".")]
+    defaults = [n for n, r in runs.items() if r.get("study", {}).get("defaults_won")]
+    if defaults:
+        lines += ["", f"The configured settings (trial 0) stayed best for: {', '.join(defaults)}."]
+    lines += ["", "| method | trainable | step time | peak RSS | disk | tune + final run |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        wall = run.get("tune_and_run_wall_s")
         lines.append(f"| {name} | {run['trainable_params']:,} | {run['step_time_s']:.3f} s | "
                      f"{run['peak_rss_bytes'] / GiB:.2f} GiB | {run['model_size_bytes'] / MiB:.2f} MB | "
-                     f"{run['test_metrics']['f1_macro']:.4f} |")
+                     f"{f'{wall / 60:.1f} min' if wall else '-'} |")
+    lines += ["", "Step time and the wall times were measured on a shared 2-core machine while other work ran: "
+              "compare them within this table only, as rough ratios."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
-        f1 = run["test_metrics"]["f1_macro"]
+        m = stats.get(name)
+        f1 = m["metrics"]["f1_macro"]["estimate"] if m else run["test_metrics"]["f1_macro"]
+        err = ([[f1 - m["metrics"]["f1_macro"]["low"]], [m["metrics"]["f1_macro"]["high"] - f1]] if m else None)
         for ax, x in zip(axes, (run["step_time_s"], run["model_size_bytes"] / MiB)):
-            ax.scatter(x, f1)
+            ax.errorbar([x], [f1], yerr=err, fmt="o", capsize=3)
             ax.annotate(name, (x, f1), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    if floors:
+        for ax in axes:
+            ax.axhline(floors[0], color="grey", linestyle=":", linewidth=1)
+            ax.text(ax.get_xlim()[0], floors[0], " majority class", fontsize=7, va="bottom", color="grey")
     axes[0].set_xlabel("seconds per optimizer step")
     axes[1].set_xlabel("saved model / adapter (MB, log scale)")
     axes[1].set_xscale("log")
     for ax in axes:
-        ax.set_ylabel("test macro F1")
-    fig.suptitle("Quality against cost (up and left is better)")
+        ax.set_ylabel("test macro F1 (95% CI)")
+    fig.suptitle("Quality against cost, every method tuned within the same budget (up and left is better)")
     fig.tight_layout()
     fig.savefig(DOCS / "benchmarks_methods.png", dpi=110)
     plt.close(fig)
     f1 = {name: run["test_metrics"]["f1_macro"] for name, run in runs.items()}
     for cost, label in (("step_time_s", "step time"), ("model_size_bytes", "size on disk")):
         front = pareto_front({name: run[cost] for name, run in runs.items()}, f1)
-        lines += ["", f"Pareto front for quality against {label} (no other method is both cheaper and better): "
-                  f"{', '.join(front)}."]
+        lines += ["", f"Pareto front for quality against {label} (no other method is both cheaper and better, on "
+                  f"point estimates): {', '.join(front)}."]
     lines += ["", "![quality against cost](benchmarks_methods.png)", ""]
     return lines
 
@@ -495,8 +607,7 @@ def render(results: dict[str, Any]) -> str:
              "Generated by `make bench` (`benchmarks/run.py`; one scenario: `--only serve`; re-render from saved "
              "results: `--render-only`). Raw results with the machine, library versions and settings are in "
              "`benchmarks/results/<scenario>.json`. Ratios are the headline; absolute times are context for this "
-             "machine. Each training run is its own process, so its peak RSS is its own. Nothing else ran on the "
-             "machine during the run.", "",
+             "machine. Each training run is its own process, so its peak RSS is its own.", "",
              f"Machine: {json.dumps({k: v for k, v in machine_info.items() if k != 'date'})}", "",
              f"Measured: {measured}.", ""]
     if "recipe" in results:
@@ -505,6 +616,8 @@ def render(results: dict[str, Any]) -> str:
         lines += render_lora(results["lora"])
     if "methods" in results:
         lines += render_methods(results["methods"])
+    if "tune_cost" in results:
+        lines += render_tune_cost(results["tune_cost"])
     if "serve" in results:
         lines += render_serve(results["serve"])
     if "fast" in results:
@@ -519,8 +632,8 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = {"recipe": scenario_recipe, "lora": scenario_lora, "methods": scenario_methods, "serve": scenario_serve,
-             "fast": scenario_fast}
+SCENARIOS = {"recipe": scenario_recipe, "lora": scenario_lora, "methods": scenario_methods,
+             "tune_cost": scenario_tune_cost, "serve": scenario_serve, "fast": scenario_fast}
 
 
 def main() -> None:
