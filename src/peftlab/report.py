@@ -2,7 +2,10 @@
 
 The only module that turns measured results into text or pictures. Every
 number shown comes from :class:`ExperimentResult`; the summary sentences are
-computed from it, never written by hand.
+computed from it, never written by hand. The report is built once, as the
+markdown of report.md; report.html is that text rendered by markdown-it-py into
+the page template (``resources/templates/report.html.j2``), pictures inlined,
+so the two cannot drift apart. Paths are shown relative to the run directory.
 """
 
 from __future__ import annotations
@@ -389,8 +392,16 @@ def _test_quality_plot(stats: ExperimentStats, path: Path) -> Path:
     return _save(fig, path)
 
 
-def make_confusion_plots(experiment: ExperimentResult, run_dir: Path) -> dict[int, Path]:
-    """One confusion-matrix picture per finished classification run; returns index in ``experiment.runs`` -> path.
+@dataclasses.dataclass(frozen=True)
+class ConfusionPicture:
+    """A confusion-matrix picture; ``numbered``: its classes are drawn as 0..n-1 (the font lacks their glyphs)."""
+
+    path: Path
+    numbered: bool = False
+
+
+def make_confusion_plots(experiment: ExperimentResult, run_dir: Path) -> dict[int, ConfusionPicture]:
+    """One confusion-matrix picture per finished classification run, keyed by its index in ``experiment.runs``.
 
     The counts are the run's saved test confusion matrix (or, for a result without one, its saved test
     predictions): the test split is never read again. Colour is the row's share (recall per true class).
@@ -402,11 +413,13 @@ def make_confusion_plots(experiment: ExperimentResult, run_dir: Path) -> dict[in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pictures: dict[int, Path] = {}
+    pictures: dict[int, ConfusionPicture] = {}
     names: set[str] = set()
     for index, run in enumerate(experiment.runs):
+        if run.status != "ok":
+            continue
         labels, matrix = _saved_confusion(run, run_dir)
-        if run.status != "ok" or not matrix:
+        if not matrix:
             continue
         counts = [[int(v) for v in row] for row in matrix]
         n = len(labels)
@@ -425,8 +438,8 @@ def make_confusion_plots(experiment: ExperimentResult, run_dir: Path) -> dict[in
         ax.set_ylabel("true")
         title = _run_title(experiment, run)
         ax.set_title(title if _drawable(title) else f"method {index + 1}", fontsize=9)
-        stem = _file_stem(title, names)
-        pictures[index] = _save(fig, run_dir / PLOTS / f"confusion_{stem}.png")
+        path = _save(fig, run_dir / PLOTS / f"confusion_{_file_stem(title, names)}.png")
+        pictures[index] = ConfusionPicture(path, numbered=ticks != labels)
     return pictures
 
 
@@ -676,7 +689,7 @@ PARAMETER_NOTE = ("Adapter weights are the peft tuner weights (LoRA's A and B ma
 
 
 def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path,
-                    confusion: dict[int, Path] | None = None) -> str:
+                    confusion: dict[int, ConfusionPicture] | None = None) -> str:
     """report.md: every table and picture of the report; report.html is rendered from this text.
 
     Args:
@@ -720,7 +733,10 @@ def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_di
             if matrix_rows:
                 parts += [_markdown_table(matrix_rows, ["true \\ predicted"] + labels), ""]
             if index in confusion:
-                parts += [f"![Confusion matrix: {md_escape(title)}]({_relative(confusion[index], run_dir)})", ""]
+                parts += [f"![Confusion matrix: {md_escape(title)}]({_relative(confusion[index].path, run_dir)})", ""]
+                if confusion[index].numbered:
+                    parts += ["Classes are numbered on the picture in the table's order: "
+                              + ", ".join(f"{i} {md_escape(label)}" for i, label in enumerate(labels)) + ".", ""]
     parts += _generation_markdown(experiment)
     parts += ["## Per-epoch history", ""]
     for run in _ok(experiment.runs):
@@ -764,7 +780,7 @@ def _generation_markdown(experiment: ExperimentResult) -> list[str]:
 
 
 def render_html(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path,
-                confusion: dict[int, Path] | None = None) -> str:
+                confusion: dict[int, ConfusionPicture] | None = None) -> str:
     """report.html: :func:`render_markdown`'s document as a self-contained page (see :func:`render_page`)."""
     return render_page(render_markdown(experiment, plots, run_dir, confusion), run_dir)
 

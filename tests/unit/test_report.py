@@ -388,3 +388,22 @@ def test_study_page_holds_the_study_markdown(tmp_path: Path) -> None:
     write_study_report(study, tmp_path)
     page = assert_html_holds_the_markdown(tmp_path)
     assert {"Chosen settings", "Trials", "Plots", "Environment"} <= set(page.headings) and len(page.images) == 1
+
+
+def test_class_names_the_plot_font_cannot_draw_are_numbered_and_named_below(tmp_path: Path) -> None:
+    import warnings
+
+    from peftlab.report import make_confusion_plots, render_markdown
+
+    korean = ["부정", "중립", "긍정"]
+    predicted = predicted_with(30, seed=0)
+    result = RunResult(name="lora", method="lora", task="classification",
+                       per_class=per_class_report(TRUE, predicted, korean), confusion_matrix=confusion(TRUE, predicted, 3))
+    experiment = saved_experiment([result])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns for every glyph missing from its font
+        pictures = make_confusion_plots(experiment, tmp_path)
+    assert pictures[0].numbered and pictures[0].path == tmp_path / "plots" / "confusion_lora.png"
+    markdown = render_markdown(experiment, {}, tmp_path, pictures)
+    assert "![Confusion matrix: lora](plots/confusion_lora.png)" in markdown
+    assert "Classes are numbered on the picture in the table's order: 0 부정, 1 중립, 2 긍정." in markdown
