@@ -36,6 +36,7 @@ from peftlab.evaluate import (
 )
 from peftlab.methods import MethodContext, apply_method
 from peftlab.models import load_base_model, resolve_dtype
+from peftlab.params import parameter_parts
 from peftlab.results import PREDICTIONS_FILE, EpochRecord, RunResult, SavedPredictions, save_predictions
 
 logger = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
                             total_steps=total_steps, tokenizer=base.tokenizer)
     model = apply_method(model, method_config, context)
     trainable, total = _count_parameters(model)
+    parts = parameter_parts(model)  # adapter / head / prompt / other, for results.json and the report
     logger.info("%s: %s trainable of %s parameters (%.3f%%)", name, f"{trainable:,}", f"{total:,}",
                 100 * trainable / total)
 
@@ -410,7 +412,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         peak_accelerator_bytes=peak_accelerator, trainable_params=trainable, total_params=total,
         optimizer_state_bytes=optimizer_bytes, best_epoch=best.epoch if best else None,
         best_metric_name=metric, best_metric=_metric_value(best, metric) if best else None, history=history,
-        resumed=checkpoint is not None, seed=training.seed,
+        resumed=checkpoint is not None, seed=training.seed, parameter_parts=parts,
     )
     if evaluate_test:
         _evaluate_test(trainer, tokenized["test"], data, result, classify, method_dir)
