@@ -219,6 +219,8 @@ def _classification_summary(experiment: ExperimentResult, runs: list[RunResult])
         sentence = _never_predicted_sentence(name, group, by_name[name])
         if sentence:
             sentences.append(sentence)
+    if stats is not None and stats.majority:
+        sentences.append(_floor_sentence(stats.majority["f1_macro"], f1))
     weights = (experiment.config.get("training") or {}).get("class_weights", "none")
     if weights != "none":  # the Trainer's loss is the weighted one, in evaluation too
         sentences.append(f"Training, validation and test losses are class-weighted cross-entropy "
@@ -226,6 +228,22 @@ def _classification_summary(experiment: ExperimentResult, runs: list[RunResult])
     if stats is not None:
         sentences += stats.notes
     return sentences
+
+
+# A method this close to always predicting the most frequent class has learnt little beyond the class balance.
+FLOOR_MARGIN = 0.15
+
+
+def _floor_sentence(floor: float, f1: dict[str, float]) -> str:
+    """The majority-class floor, and the methods within FLOOR_MARGIN of it (with what to do about them)."""
+    text = f"Always predicting the most frequent class scores macro F1 {floor:.4f} on this test split"
+    near = [name for name, value in f1.items() if value < floor + FLOOR_MARGIN]
+    if not near:
+        return text + f"; every method is more than {FLOOR_MARGIN} above it."
+    verb = "is" if len(near) == 1 else "are"
+    return (text + f"; {_and(near)} {verb} within {FLOOR_MARGIN} of it: little learnt beyond the class balance. "
+            "Its settings may be at fault: tune it within the same budget as the others (`peftlab run --tune`) "
+            "and read its study, or train longer.")
 
 
 def _verdict_sentence(name: str, reference: str, runs: list[RunResult], reference_runs: list[RunResult],

@@ -407,3 +407,14 @@ def test_class_names_the_plot_font_cannot_draw_are_numbered_and_named_below(tmp_
     markdown = render_markdown(experiment, {}, tmp_path, pictures)
     assert "![Confusion matrix: lora](plots/confusion_lora.png)" in markdown
     assert "Classes are numbered on the picture in the table's order: 0 부정, 1 중립, 2 긍정." in markdown
+
+
+def test_summary_names_methods_near_the_majority_class_floor(tmp_path: Path) -> None:
+    """Balanced 3 classes: always one class scores F1 (2/4)/3 = 1/6; a constant predictor is flagged, a good one not."""
+    constant = np.zeros_like(TRUE)
+    experiment = saved_experiment([saved_run(tmp_path, "full", "full", predicted_with(10, seed=0)),
+                                   saved_run(tmp_path, "p_tuning", "p_tuning", constant)])
+    write_report(experiment, tmp_path)
+    floor = next(s for s in summary_sentences(experiment) if s.startswith("Always predicting"))
+    assert floor.startswith(f"Always predicting the most frequent class scores macro F1 {1 / 6:.4f}")
+    assert "p_tuning is within 0.15 of it" in floor and "full" not in floor.split(";")[1]
