@@ -434,38 +434,36 @@ def render_methods(results: dict[str, Any]) -> list[str]:
     defaults = [n for n, r in runs.items() if r.get("study", {}).get("defaults_won")]
     if defaults:
         lines += ["", f"The configured settings (trial 0) stayed best for: {', '.join(defaults)}."]
-    lines += ["", "| method | trainable | step time | peak RSS | disk | tune + final run |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| method | trainable | % of the base | peak RSS | disk |", "|---|---:|---:|---:|---:|"]
     for name, run in runs.items():
-        wall = run.get("tune_and_run_wall_s")
-        lines.append(f"| {name} | {run['trainable_params']:,} | {run['step_time_s']:.3f} s | "
-                     f"{run['peak_rss_bytes'] / GiB:.2f} GiB | {run['model_size_bytes'] / MiB:.2f} MB | "
-                     f"{f'{wall / 60:.1f} min' if wall else '-'} |")
-    lines += ["", "Step time and the wall times were measured on a shared 2-core machine while other work ran: "
-              "compare them within this table only, as rough ratios."]
+        lines.append(f"| {name} | {run['trainable_params']:,} | "
+                     f"{100 * run['trainable_params'] / run['total_params']:.3f}% | "
+                     f"{run['peak_rss_bytes'] / GiB:.2f} GiB | {run['model_size_bytes'] / MiB:.2f} MB |")
+    lines += ["", "Time is left out of this section: these runs shared the machine with other work, so their step "
+              "times are not comparable. Section 2 measures LoRA's time against full fine-tuning on a quiet machine."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
         m = stats.get(name)
         f1 = m["metrics"]["f1_macro"]["estimate"] if m else run["test_metrics"]["f1_macro"]
         err = ([[f1 - m["metrics"]["f1_macro"]["low"]], [m["metrics"]["f1_macro"]["high"] - f1]] if m else None)
-        for ax, x in zip(axes, (run["step_time_s"], run["model_size_bytes"] / MiB)):
+        for ax, x in zip(axes, (run["trainable_params"], run["model_size_bytes"] / MiB)):
             ax.errorbar([x], [f1], yerr=err, fmt="o", capsize=3)
             ax.annotate(name, (x, f1), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    axes[0].set_xlabel("trainable parameters (log scale)")
+    axes[1].set_xlabel("saved model / adapter (MB, log scale)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_ylabel("test macro F1 (95% CI)")
     if floors:
         for ax in axes:
             ax.axhline(floors[0], color="grey", linestyle=":", linewidth=1)
             ax.text(ax.get_xlim()[0], floors[0], " majority class", fontsize=7, va="bottom", color="grey")
-    axes[0].set_xlabel("seconds per optimizer step")
-    axes[1].set_xlabel("saved model / adapter (MB, log scale)")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_ylabel("test macro F1 (95% CI)")
     fig.suptitle("Quality against cost, every method tuned within the same budget (up and left is better)")
     fig.tight_layout()
     fig.savefig(DOCS / "benchmarks_methods.png", dpi=110)
     plt.close(fig)
     f1 = {name: run["test_metrics"]["f1_macro"] for name, run in runs.items()}
-    for cost, label in (("step_time_s", "step time"), ("model_size_bytes", "size on disk")):
+    for cost, label in (("trainable_params", "trainable parameters"), ("model_size_bytes", "size on disk")):
         front = pareto_front({name: run[cost] for name, run in runs.items()}, f1)
         lines += ["", f"Pareto front for quality against {label} (no other method is both cheaper and better, on "
                   f"point estimates): {', '.join(front)}."]
