@@ -428,8 +428,8 @@ def render_methods(results: dict[str, Any]) -> list[str]:
                      f"{', '.join(short)} stay{'s' if len(short) == 1 else ''} within 0.15 of it; "
                      "their studies (validation F1 per trial, learning rate tried): "
                      + "; ".join(f"{n}: " + ", ".join(f"{v:.3f} at {_lr(lr)}" if v is not None else f"pruned/failed at {_lr(lr)}"
-                                                   for v, lr in zip(runs[n]['study']['validation'],
-                                                                    runs[n]['study']['learning_rates']))
+                                                   for v, lr in zip(runs[n].get('study', {}).get('validation', []),
+                                                                    runs[n].get('study', {}).get('learning_rates', [])))
                                  for n in short) + ".")]
     defaults = [n for n, r in runs.items() if r.get("study", {}).get("defaults_won")]
     if defaults:
