@@ -76,14 +76,14 @@ def new_metadata(*, task: str, method: str, name: str, labels: list[str], base_m
                  split_sizes: dict[str, int] | None = None) -> Metadata:
     """The metadata of a folder peftlab trains: every field of :class:`Metadata` but the export ones."""
     import peftlab
-    from peftlab.config import MethodName
+    from peftlab.config import WHOLE_MODEL_METHODS
     from peftlab.models import hub_id_of
 
     return Metadata(peftlab_version=peftlab.__version__, task=task, method=method, name=name, labels=list(labels),
                     base_model=str(base_model), base_model_name=base_model_name,
                     base_model_id=hub_id_of(base_model_name, base_model), data_source=data_source,
                     split_sizes=dict(split_sizes or {}), max_length=max_length, clean=clean,
-                    trust_remote_code=trust_remote_code, is_adapter=method != MethodName.FULL.value,
+                    trust_remote_code=trust_remote_code, is_adapter=method not in WHOLE_MODEL_METHODS,
                     base_fingerprint=base_fingerprint(json.loads((base_model / MODEL_CONFIG_FILE).read_text("utf-8"))))
 
 

@@ -1,4 +1,4 @@
-"""LoRA and its relatives (DoRA, LoHa, AdaLoRA): low-rank updates of chosen linear layers."""
+"""LoRA and its relatives (rsLoRA, DoRA, LoHa, LoKr, AdaLoRA): low-rank updates of chosen linear layers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ _LR = LogFloat("learning_rate", 1e-4, 5e-3, "Peak learning rate (log scale).")
 
 SEARCH_SPACE: tuple[Parameter, ...] = (_LR, _RANK, TARGETS)  # LoRA and DoRA
 LOHA_SEARCH_SPACE: tuple[Parameter, ...] = (_LR, _RANK, TARGETS)
+# rsLoRA's point is that ranks far above LoRA's keep learning (alpha / sqrt(r) does not shrink the update).
+RSLORA_SEARCH_SPACE: tuple[Parameter, ...] = (
+    _LR, Choice("r", (16, 32, 64), "Rank of the update matrices (the update is scaled by alpha / sqrt(r))."), TARGETS)
+LOKR_SEARCH_SPACE: tuple[Parameter, ...] = (
+    LogFloat("learning_rate", 5e-4, 1e-2, "Peak learning rate (log scale)."), _RANK, TARGETS)
 # AdaLoRA prunes from init_r (default 12) down to r: a target rank above init_r would prune nothing.
 ADALORA_SEARCH_SPACE: tuple[Parameter, ...] = (
     LogFloat("learning_rate", 2e-4, 1e-2, "Peak learning rate (log scale)."),
@@ -29,6 +34,19 @@ def build_lora(method_config: Any, context: Any) -> Any:
                       use_rslora=method_config.use_rslora)
 
 
+def build_rslora(method_config: Any, context: Any) -> Any:
+    """rsLoRA: LoRA with ``use_rslora`` (scaling alpha / sqrt(r)); r 64, alpha 64 as peft's MetaMathQA run.
+
+    Default learning rate 5e-4, provisional: LoRA's. peft's method comparison (method_comparison/MetaMathQA,
+    lora/llama-3.2-3B-rank64-rslora) trains rsLoRA r64 at the same learning rate as LoRA r32 (1e-4 there).
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=context.task_type, r=method_config.r, lora_alpha=method_config.alpha,
+                      lora_dropout=method_config.dropout, target_modules=method_config.target_modules,
+                      use_rslora=True)
+
+
 def build_dora(method_config: Any, context: Any) -> Any:
     from peft import LoraConfig
 
@@ -41,6 +59,19 @@ def build_loha(method_config: Any, context: Any) -> Any:
 
     return LoHaConfig(task_type=context.task_type, r=method_config.r, alpha=method_config.alpha,
                       module_dropout=method_config.dropout, target_modules=method_config.target_modules)
+
+
+def build_lokr(method_config: Any, context: Any) -> Any:
+    """LoKr (LyCORIS): a Kronecker product of a small full factor and a low-rank one.
+
+    Default learning rate 3e-3 and alpha = 2r, provisional: peft's method comparison
+    (method_comparison/MetaMathQA, lokr/llama-3.2-3B-rank32-factor4-lr0.003: r 32, alpha 64, lr 3e-3).
+    """
+    from peft import LoKrConfig
+
+    return LoKrConfig(task_type=context.task_type, r=method_config.r, alpha=method_config.alpha,
+                      module_dropout=method_config.dropout, decompose_factor=method_config.decompose_factor,
+                      target_modules=method_config.target_modules)
 
 
 def build_adalora(method_config: Any, context: Any) -> Any:
