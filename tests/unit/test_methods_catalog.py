@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +240,71 @@ def test_peft_method_builds_peft_own_config_class_with_the_options() -> None:
 def test_peft_method_options_peft_rejects_are_config_errors_naming_the_option(method: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_config(data={"data": {"path": "x.csv"}, "methods": [{"method": "peft", **method}]})
+
+
+# --------------------------------------------------------------------------- through the experiment
+
+
+def test_a_tuner_that_cannot_apply_fails_alone_and_bitfit_trains_and_saves_a_whole_model(
+        tiny_bert: Path, reviews_csv: Path, tmp_path: Path) -> None:
+    """The real path (run_experiment, HF Trainer): ADAPTION_PROMPT is Llama-only, so it fails on a BERT and the
+    method after it goes on; BitFit trains only biases and the head and saves a folder plain transformers loads."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftlab.experiment import run_experiment
+    from peftlab.predict import load_predictor
+
+    config = load_config(data={
+        "data": {"path": str(reviews_csv), "max_length": 16, "max_train_samples": 32},
+        "model": {"path": str(tiny_bert)},
+        "methods": [{"method": "peft", "peft_type": "ADAPTION_PROMPT", "options": {"adapter_len": 4, "adapter_layers": 1}},
+                    {"method": "bitfit", "learning_rate": 1e-2}],
+        "training": {"epochs": 1, "batch_size": 16, "method_process": False, "warmup_ratio": 0.0}})
+    result = run_experiment(config, tmp_path / "out")
+    status = {r.name: (r.status, r.error) for r in result.runs}
+    assert [r.name for r in result.runs] == ["peft_adaption_prompt", "bitfit"]
+    assert status["peft_adaption_prompt"][0] == "failed" and status["bitfit"] == ("ok", None)
+    assert re.search(r"peft_adaption_prompt.*cannot be applied to this bert model.*adaption prompt",
+                     status["peft_adaption_prompt"][1])
+
+    bitfit = next(r for r in result.runs if r.name == "bitfit")
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=3)
+    biases_and_head = sum(p.numel() for n, p in model.named_parameters()
+                          if n.endswith(".bias") or n.startswith("classifier."))
+    assert bitfit.trainable_params == biases_and_head < bitfit.total_params
+    folder = tmp_path / "out" / "bitfit" / "model"
+    assert not artifacts.is_adapter(folder) and artifacts.read_metadata(folder)["is_adapter"] is False
+    saved = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    texts = ["the movie was great", "awful and boring plot"]
+    with torch.inference_mode():
+        expected = saved(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(load_predictor(folder).predict_proba(texts), expected, atol=1e-5)
+    frozen = {n: p for n, p in saved.named_parameters() if not n.endswith(".bias") and not n.startswith("classifier.")}
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in frozen.items())  # only biases moved
+
+
+# --------------------------------------------------------------------------- peftlab methods
+
+
+def test_peftlab_methods_lists_every_method_with_its_capabilities_in_100_columns() -> None:
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app
+
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 100
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+            for line in result.output.splitlines() if line.startswith("│") and line.split("│")[1].strip()}
+    for name, spec in METHODS.items():
+        merge, mixed = rows[name.value][-2:]
+        assert merge == ("yes" if spec.mergeable else "no" if spec.adapter else "-"), name
+        assert mixed == ("yes" if spec.mixed_batch else "no" if spec.adapter else "-"), name
+    assert len([n for n in rows if n in NAMED]) == len(NAMED) >= 17
+
+    one = CliRunner().invoke(app, ["methods", "c3a"])
+    assert one.exit_code == 0 and "block_size" in one.output and "must divide" in one.output
+    assert "learning_rate 0.01..0.3 (log)" in one.output
+    unknown = CliRunner().invoke(app, ["methods", "lorra"])
+    assert unknown.exit_code != 0

@@ -117,7 +117,7 @@ def apply_method(model: Any, method_config: Any, context: MethodContext) -> Any:
         return get_peft_model(model, peft_config)
     except expected as exc:
         raise MethodError(f"method {method_config.run_name!r} ({method_config.method}) cannot be applied to this "
-                          f"{context.model_type} model: {type(exc).__name__}: {exc}. Check its options and "
+                          f"{context.model_type} model: {type(exc).__name__}: {str(exc).rstrip('.')}. Check its options and "
                           f"target_modules (module names of the model), or choose another method") from None
 
 
