@@ -295,7 +295,7 @@ def _saved_adapter_keys(folder: Path) -> set[str] | None:
 
 
 def save_folder(target: Path, model: Any, tokenizer: Any, metadata: Metadata | dict[str, Any],
-                result: RunResult | None = None) -> Path:
+                result: RunResult | None = None, save_weights: Any = None) -> Path:
     """Save ``model`` (full model or PeftModel), its tokenizer, ``peftlab.json`` and its model card to ``target``.
 
     One rename puts the folder in place: a crash leaves the old folder (or none), never a half-written one.
@@ -308,9 +308,14 @@ def save_folder(target: Path, model: Any, tokenizer: Any, metadata: Metadata | d
         tokenizer: the tokenizer it was trained with.
         metadata: from :func:`new_metadata` (or an export's copy of it).
         result: the method's measurements so far (test metrics, costs) for the model card; None for none.
+        save_weights: ``(model, folder) -> None`` writing the weights and their config (training passes
+            ``methods.save_weights``, which converts PiSSA/OLoRA adapters); default ``model.save_pretrained``.
     """
     with fsutil.atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if save_weights is not None:
+            save_weights(model, tmp)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if is_adapter(tmp):
             _record_base_id(tmp, metadata.get("base_model_id"))

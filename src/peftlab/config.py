@@ -229,17 +229,25 @@ class _LoraLike(_MethodBase):
     learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
 
 
+_LORA_INIT = ("How A and B start. default: B = 0, so training starts from the base model; gaussian: A Gaussian "
+              "instead of Kaiming; pissa / olora: A and B hold the weight's principal singular directions (PiSSA) or "
+              "its QR factors (OLoRA) and the base keeps the rest. A pissa / olora adapter is saved converted to a "
+              "plain LoRA of rank 2r on the unchanged base, so plain peft loads it.")
+
+
 class LoraConfig(_LoraLike):
     """LoRA: low-rank updates on chosen linear layers; classifier head trained and saved with the adapter."""
 
     method: Literal["lora"] = "lora"
     use_rslora: bool = Field(False, description="Scale the update by alpha / sqrt(r) (rsLoRA; see method rslora).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description=_LORA_INIT)
 
 
 class RsLoraConfig(_LoraLike):
     """rsLoRA: LoRA scaled by alpha / sqrt(r) instead of alpha / r, so that high ranks keep learning."""
 
     method: Literal["rslora"] = "rslora"
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description=_LORA_INIT)
     r: int = Field(64, gt=0, description="Rank of the update matrices.")
     alpha: float = Field(64, gt=0, description="Scaling numerator: the update is scaled by alpha / sqrt(r).")
 

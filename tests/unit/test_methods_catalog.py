@@ -132,9 +132,32 @@ def test_every_named_method_is_in_this_catalog_and_listed() -> None:
 @pytest.mark.parametrize("method", NAMED)
 def test_method_trains_saves_and_reloads_with_the_same_logits(method: str, kind: str, tiny_bert: Path,
                                                               tiny_llama: Path, tmp_path: Path) -> None:
+    _round_trip(method, kind, {}, tiny_bert, tiny_llama, tmp_path, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "init", "kind"), [("lora", "pissa", "bert"), ("lora", "pissa", "llama"),
+                                                      ("lora", "olora", "bert"), ("rslora", "olora", "llama"),
+                                                      ("lora", "gaussian", "bert")])
+def test_lora_init_options_save_a_plain_lora_on_the_unchanged_base(method: str, init: str, kind: str,
+                                                                   tiny_bert: Path, tiny_llama: Path,
+                                                                   tmp_path: Path) -> None:
+    """PiSSA/OLoRA change the base weights in memory; the saved adapter is converted (rank 2r) so that it gives
+    the trained model's logits on the base as shipped. Not bitwise: dW = AB - A0B0 is a float difference."""
+    _round_trip(method, kind, {"init": init}, tiny_bert, tiny_llama, tmp_path, atol=1e-5)
+    saved = artifacts.adapter_config(tmp_path / "saved")
+    mutating = init in ("pissa", "olora")
+    assert saved["r"] == TINY_OPTIONS[method]["r"] * (2 if mutating else 1)
+    assert saved["init_lora_weights"] is True if mutating else saved["init_lora_weights"] == init
+
+
+def _round_trip(method: str, kind: str, extra: dict, tiny_bert: Path, tiny_llama: Path, tmp_path: Path,
+                atol: float) -> None:
+    """Train 3 steps, save through artifacts.save_folder, reload with plain peft/transformers, compare logits."""
+    from peftlab.methods import save_weights
+
     folder, task, batch = _setup(kind, tiny_bert, tiny_llama)
     model, tokenizer = _load(folder, task)
-    method_config = _method_config(method)
+    method_config = _method_config(method, **extra)
     spec = METHODS[MethodName(method)]
     context = _context(model, task, folder, tokenizer)
     if (method, kind) in UNSUPPORTED:
@@ -152,11 +175,11 @@ def test_method_trains_saves_and_reloads_with_the_same_logits(method: str, kind:
     meta = artifacts.new_metadata(task=task, method=method, name=method, labels=LABELS if task == "classification"
                                   else [], base_model=folder, base_model_name=str(folder), max_length=8,
                                   clean="none", trust_remote_code=False)
-    artifacts.save_folder(target, model, tokenizer, meta)
+    artifacts.save_folder(target, model, tokenizer, meta, save_weights=save_weights)  # as train.train_method does
     assert artifacts.is_adapter(target) == spec.adapter == meta["is_adapter"]
 
     reloaded = _reload(target, folder, task, spec.adapter)
-    torch.testing.assert_close(_logits(reloaded, batch), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(reloaded, batch), expected, rtol=0, atol=atol)
     if spec.mergeable:
         merged = reloaded.merge_and_unload()
         torch.testing.assert_close(_logits(merged, batch), expected, rtol=1e-4, atol=1e-4)
@@ -245,10 +268,11 @@ def test_peft_method_options_peft_rejects_are_config_errors_naming_the_option(me
 # --------------------------------------------------------------------------- through the experiment
 
 
-def test_a_tuner_that_cannot_apply_fails_alone_and_bitfit_trains_and_saves_a_whole_model(
+def test_in_a_run_a_failing_tuner_fails_alone_bitfit_saves_a_whole_model_and_pissa_a_plain_lora(
         tiny_bert: Path, reviews_csv: Path, tmp_path: Path) -> None:
     """The real path (run_experiment, HF Trainer): ADAPTION_PROMPT is Llama-only, so it fails on a BERT and the
-    method after it goes on; BitFit trains only biases and the head and saves a folder plain transformers loads."""
+    methods after it go on; BitFit trains only biases and the head and saves a folder plain transformers loads;
+    a PiSSA LoRA is saved converted and predicts on the shipped base as the run did."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peftlab.experiment import run_experiment
@@ -258,12 +282,13 @@ def test_a_tuner_that_cannot_apply_fails_alone_and_bitfit_trains_and_saves_a_who
         "data": {"path": str(reviews_csv), "max_length": 16, "max_train_samples": 32},
         "model": {"path": str(tiny_bert)},
         "methods": [{"method": "peft", "peft_type": "ADAPTION_PROMPT", "options": {"adapter_len": 4, "adapter_layers": 1}},
-                    {"method": "bitfit", "learning_rate": 1e-2}],
-        "training": {"epochs": 1, "batch_size": 16, "method_process": False, "warmup_ratio": 0.0}})
+                    {"method": "bitfit", "learning_rate": 1e-2},
+                    {"name": "pissa", "method": "lora", "init": "pissa", "learning_rate": 1e-2}],
+        "training": {"epochs": 2, "batch_size": 16, "method_process": False, "warmup_ratio": 0.0}})
     result = run_experiment(config, tmp_path / "out")
     status = {r.name: (r.status, r.error) for r in result.runs}
-    assert [r.name for r in result.runs] == ["peft_adaption_prompt", "bitfit"]
-    assert status["peft_adaption_prompt"][0] == "failed" and status["bitfit"] == ("ok", None)
+    assert [r.name for r in result.runs] == ["peft_adaption_prompt", "bitfit", "pissa"]
+    assert status["peft_adaption_prompt"][0] == "failed" and status["bitfit"] == status["pissa"] == ("ok", None)
     assert re.search(r"peft_adaption_prompt.*cannot be applied to this bert model.*adaption prompt",
                      status["peft_adaption_prompt"][1])
 
@@ -282,6 +307,17 @@ def test_a_tuner_that_cannot_apply_fails_alone_and_bitfit_trains_and_saves_a_who
     np.testing.assert_allclose(load_predictor(folder).predict_proba(texts), expected, atol=1e-5)
     frozen = {n: p for n, p in saved.named_parameters() if not n.endswith(".bias") and not n.startswith("classifier.")}
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in frozen.items())  # only biases moved
+
+    # PiSSA through the Trainer (2 epochs: the best epoch's checkpoint is restored into the residual base): the
+    # converted adapter on the shipped base predicts the test rows as the run did.
+    from peftlab.data import prepare_data
+    from peftlab.results import load_predictions
+
+    pissa = next(r for r in result.runs if r.name == "pissa")
+    data = prepare_data(load_config(tmp_path / "out" / "config.yaml").data)
+    reported = load_predictions(tmp_path / "out" / pissa.predictions_file).probabilities
+    np.testing.assert_allclose(load_predictor(tmp_path / "out" / "pissa").predict_proba(data.test.texts), reported,
+                               atol=1e-5)
 
 
 # --------------------------------------------------------------------------- peftlab methods

@@ -13,6 +13,7 @@ it into its base, and whether rows of several of its adapters can share one forw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from peftlab.config import MethodName
@@ -114,11 +115,27 @@ def apply_method(model: Any, method_config: Any, context: MethodContext) -> Any:
         (Exception,) if method_config.method == MethodName.PEFT.value
         else (ValueError, TypeError, KeyError, NotImplementedError))
     try:
-        return get_peft_model(model, peft_config)
+        wrapped = get_peft_model(model, peft_config)
     except expected as exc:
         raise MethodError(f"method {method_config.run_name!r} ({method_config.method}) cannot be applied to this "
-                          f"{context.model_type} model: {type(exc).__name__}: {str(exc).rstrip('.')}. Check its options and "
-                          f"target_modules (module names of the model), or choose another method") from None
+                          f"{context.model_type} model: {type(exc).__name__}: {str(exc).rstrip('.')}. Check its "
+                          f"options and target_modules (module names of the model), or choose another method") from None
+    if getattr(method_config, "init", None) in lora.MUTATING_INITS:
+        lora.remember_initial_adapter(wrapped)
+    return wrapped
+
+
+def save_weights(model: Any, folder: Path) -> None:
+    """Write the model's weights and config into ``folder`` (``artifacts.save_folder`` calls this).
+
+    ``save_pretrained``, except for a PiSSA/OLoRA LoRA, which is converted to the plain LoRA that gives the same
+    outputs on the unchanged base (:func:`peftlab.methods.lora.save_converted`).
+    """
+    initial = lora.initial_adapter(model)
+    if initial is None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    else:
+        lora.save_converted(model, folder, initial)
 
 
 def describe_methods() -> list[dict[str, Any]]:

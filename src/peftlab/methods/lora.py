@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+import weakref
+from pathlib import Path
 from typing import Any
 
+from peftlab import artifacts
 from peftlab.methods.space import TARGETS, Choice, LogFloat, Parameter
 
 _RANK = Choice("r", (4, 8, 16), "Rank of the update matrices (the update is scaled by alpha / r).")
@@ -25,13 +29,19 @@ ADALORA_SEARCH_SPACE: tuple[Parameter, ...] = (
 
 # target_modules None lets peft pick per architecture (query/value for BERT/XLM-R, q_proj/v_proj for Llama).
 
+# The `init` option as peft's init_lora_weights. PiSSA and OLoRA move part of each target weight into A and B.
+INIT_LORA_WEIGHTS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+MUTATING_INITS = {"pissa", "olora"}
+# The adapter's tensors right after a PiSSA/OLoRA initialisation, per model: the save converts against them.
+_INITIAL: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
 
 def build_lora(method_config: Any, context: Any) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(task_type=context.task_type, r=method_config.r, lora_alpha=method_config.alpha,
                       lora_dropout=method_config.dropout, target_modules=method_config.target_modules,
-                      use_rslora=method_config.use_rslora)
+                      use_rslora=method_config.use_rslora, init_lora_weights=INIT_LORA_WEIGHTS[method_config.init])
 
 
 def build_rslora(method_config: Any, context: Any) -> Any:
@@ -44,7 +54,7 @@ def build_rslora(method_config: Any, context: Any) -> Any:
 
     return LoraConfig(task_type=context.task_type, r=method_config.r, lora_alpha=method_config.alpha,
                       lora_dropout=method_config.dropout, target_modules=method_config.target_modules,
-                      use_rslora=True)
+                      use_rslora=True, init_lora_weights=INIT_LORA_WEIGHTS[method_config.init])
 
 
 def build_dora(method_config: Any, context: Any) -> Any:
@@ -87,3 +97,40 @@ def build_adalora(method_config: Any, context: Any) -> Any:
                          lora_alpha=method_config.alpha, lora_dropout=method_config.dropout,
                          target_modules=method_config.target_modules, total_step=total, tinit=tinit, tfinal=tfinal,
                          deltaT=max(1, (total - tinit - tfinal) // 10))
+
+
+def remember_initial_adapter(model: Any) -> None:
+    """Keep a PiSSA/OLoRA adapter's starting tensors (rank-r, a few MB at most) for :func:`save_converted`."""
+    from peft import get_peft_model_state_dict
+
+    _INITIAL[model] = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def initial_adapter(model: Any) -> dict[str, Any] | None:
+    """The starting tensors :func:`remember_initial_adapter` kept for ``model``, or None."""
+    return _INITIAL.get(model)
+
+
+def save_converted(model: Any, folder: Path, initial: dict[str, Any]) -> None:
+    """Save a PiSSA/OLoRA adapter as the plain LoRA that gives the same outputs on the unchanged base.
+
+    PiSSA and OLoRA subtract A0 B0 from the base weights; saved as is, the adapter would need that residual
+    base. peft's ``path_initial_model_for_weight_conversion`` writes dW = A B - A0 B0 instead, as a rank-2r LoRA
+    ([A | A0], [B | -B0]) on the original weights. peft 0.21.2 then writes only the lora_A / lora_B tensors, so a
+    classifier's head (modules_to_save) would be lost and the folder would not load: it is put back here.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "initial"  # peft loads it as an adapter of that name, then deletes it
+        start.mkdir()
+        save_file(initial, str(start / artifacts.ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+        model.save_pretrained(str(folder), safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(start))
+    weights = folder / artifacts.ADAPTER_WEIGHTS_FILE
+    converted = load_file(str(weights))
+    for key, tensor in get_peft_model_state_dict(model).items():
+        if "lora_A" not in key and "lora_B" not in key:
+            converted.setdefault(key, tensor.detach().contiguous())
+    save_file(converted, str(weights), metadata={"format": "pt"})
