@@ -344,3 +344,23 @@ def test_peftlab_methods_lists_every_method_with_its_capabilities_in_100_columns
     assert "learning_rate 0.01..0.3 (log)" in one.output
     unknown = CliRunner().invoke(app, ["methods", "lorra"])
     assert unknown.exit_code != 0
+
+
+def test_every_search_space_value_is_a_valid_config_that_builds() -> None:
+    """What `peftlab tune` may set (each range's ends, each choice) validates and builds a peft config."""
+    from peftlab.methods.space import LogFloat
+    from peftlab.tune import apply_params
+
+    context = MethodContext(task="classification", model_type="bert", tokenizer_path="", total_steps=100)
+    for name, spec in METHODS.items():
+        extra = {"peft_type": "LOKR"} if name is MethodName.PEFT else {}
+        method_config = load_config(data={"data": {"path": "x.csv"}, "methods": [{"method": name.value, **extra}]}
+                                    ).methods[0]
+        assert spec.search_space[0].name == "learning_rate" and isinstance(spec.search_space[0], LogFloat)
+        assert spec.search_space[0].low <= method_config.learning_rate <= spec.search_space[0].high, name
+        for parameter in spec.search_space:
+            values = (parameter.low, parameter.high) if isinstance(parameter, LogFloat) else parameter.choices
+            for value in values:
+                trial = apply_params(method_config, {parameter.name: value}, spec.search_space)
+                built = build_peft_config(trial, context)
+                assert (built is None) == (not spec.adapter), name
