@@ -23,7 +23,7 @@ import fnmatch
 import json
 import logging
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 from peftlab import fsutil
 from peftlab.errors import AdapterError, ModelError
@@ -295,7 +295,7 @@ def _saved_adapter_keys(folder: Path) -> set[str] | None:
 
 
 def save_folder(target: Path, model: Any, tokenizer: Any, metadata: Metadata | dict[str, Any],
-                result: RunResult | None = None, save_weights: Any = None) -> Path:
+                result: RunResult | None = None, save_weights: Callable[[Any, Path], None] | None = None) -> Path:
     """Save ``model`` (full model or PeftModel), its tokenizer, ``peftlab.json`` and its model card to ``target``.
 
     One rename puts the folder in place: a crash leaves the old folder (or none), never a half-written one.
