@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -178,20 +178,64 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with re
 
 
 @app.command("methods")
-def list_methods() -> None:
-    """List the selectable methods with their key options and defaults."""
+def list_methods(
+    name: Annotated[Optional[str], typer.Argument(help="A method: show its options, defaults and search space.")] = None,
+) -> None:
+    """List the selectable methods and what each can do; `peftlab methods NAME` shows one method's options."""
     from rich.console import Console
     from rich.table import Table
 
+    from peftlab.errors import ConfigError
     from peftlab.methods import describe_methods
 
-    table = Table(title="peftlab methods")
-    for column in ("method", "what it trains", "options (defaults)", "merge"):
+    rows = {row["method"]: row for row in describe_methods()}
+    console = Console(width=100)
+    if name is not None:
+        if name not in rows:
+            raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(rows)}")
+        _show_method(console, rows[name])
+        return
+    table = Table(title=f"peftlab methods ({len(rows) - 1} named, and peft: any tuner by name)")
+    for column in ("method", "what it trains", "options", "merge", "mixed"):
         table.add_column(column, overflow="fold")
-    for row in describe_methods():
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        table.add_row(row["method"], row["description"], options, "yes" if row["mergeable"] else "no")
-    Console(width=160).print(table)
+    for row in rows.values():
+        merge = "yes" if row["mergeable"] else "no" if row["adapter"] else "-"
+        mixed = "yes" if row["mixed_batch"] else "no" if row["adapter"] else "-"
+        table.add_row(row["method"], row["description"], ", ".join(row["options"]), merge, mixed)
+    console.print(table)
+    console.print("merge: `peftlab export --merge` folds the adapter into its base. mixed: rows of several such "
+                  "adapters share one forward pass in `peftlab serve`. -: a whole model, not an adapter. "
+                  "`peftlab methods NAME`: options, defaults and search space.")
+
+
+def _show_method(console: Any, row: dict[str, Any]) -> None:
+    """One method: its capabilities, each option with its default and description, what `peftlab tune` searches."""
+    from rich.table import Table
+
+    from peftlab.config import MethodName
+    from peftlab.methods import SEARCH_SPACES
+    from peftlab.methods.space import LogFloat
+
+    console.print(f"[bold]{row['method']}[/bold]: {row['description']}")
+    if row["adapter"]:
+        console.print(f"saved as an adapter; mergeable: {'yes' if row['mergeable'] else 'no'}; mixed batches in "
+                      f"the server: {'yes' if row['mixed_batch'] else 'no'}")
+    else:
+        console.print("saved as a whole model folder (plain transformers loads it)")
+    table = Table(show_header=True)
+    for column in ("option", "default", "description"):
+        table.add_column(column, overflow="fold")
+    for option, default in row["options"].items():
+        table.add_row(option, str(default), row["option_help"][option])
+    console.print(table)
+    searched = [f"{p.name} {p.low:g}..{p.high:g} (log)" if isinstance(p, LogFloat) else
+                f"{p.name} in {', '.join(map(str, p.choices))}" for p in SEARCH_SPACES[MethodName(row["method"])]]
+    console.print(f"`peftlab tune` searches: {'; '.join(searched)}")
+    if row["method"] == "peft":
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        types = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        console.print(f"peft_type is one of: {', '.join(types)}")
 
 
 @models_app.command("list")

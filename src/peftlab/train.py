@@ -34,7 +34,7 @@ from peftlab.evaluate import (
     perplexity,
     softmax,
 )
-from peftlab.methods import MethodContext, apply_method
+from peftlab.methods import MethodContext, apply_method, save_weights
 from peftlab.models import load_base_model, resolve_dtype
 from peftlab.params import parameter_parts
 from peftlab.results import PREDICTIONS_FILE, EpochRecord, RunResult, SavedPredictions, save_predictions
@@ -423,7 +423,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         # The test metrics are known here (evaluated above), so the model card carries them; the report step
         # rewrites it with their intervals (artifacts.write_model_card).
         artifacts.save_folder(model_dir, trainer.model, base.tokenizer, _metadata(config, method_config, base, data),
-                              result=result)
+                              result=result, save_weights=save_weights)
         result.model_size_bytes = artifacts.saved_size(model_dir)
         result.output_dir = str(model_dir.relative_to(method_dir.parent))
         shutil.rmtree(method_dir / CHECKPOINTS, ignore_errors=True)
