@@ -220,13 +220,14 @@ def scenario_methods(train_samples: int, only: list[str] | None = None) -> dict[
         previous = json.loads((RESULTS / "methods.json").read_text()).get("runs", {})
     runs = {}
     for name in names:
-        if only and name not in only and name in previous:
-            runs[name] = previous[name]
+        if only and name not in only and "study" in previous.get(name, {}):
+            runs[name] = previous[name]  # tuned earlier under the same budget
         elif not only or name in only:
             runs[name] = tuned_method(name)
     tree = yaml.safe_load(METHODS_CONFIG.read_text())
     stats = methods_statistics(runs, config.report.reference or "full")
-    return {"stats": stats, "settings": {"config": "configs/all_methods.yaml", "model": tree["model"]["path"],
+    return {"stats": stats, "not_run": [n for n in names if n not in runs],
+            "settings": {"config": "configs/all_methods.yaml", "model": tree["model"]["path"],
                          "train_samples": tree["data"]["max_train_samples"],
                          "eval_samples": tree["data"]["max_eval_samples"], "epochs": tree["training"]["epochs"],
                          "trials": config.tune.trials, "pruner": config.tune.pruner,
@@ -431,6 +432,10 @@ def render_methods(results: dict[str, Any]) -> list[str]:
                                                    for v, lr in zip(runs[n].get('study', {}).get('validation', []),
                                                                     runs[n].get('study', {}).get('learning_rates', [])))
                                  for n in short) + ".")]
+    if results.get("not_run"):
+        lines += ["", f"Not run under this budget yet ({len(results['not_run'])} of the config's methods): "
+                  f"{', '.join(results['not_run'])}. Run them with `python benchmarks/run.py --only methods --methods "
+                  "NAME,...`; the methods above are kept."]
     defaults = [n for n, r in runs.items() if r.get("study", {}).get("defaults_won")]
     if defaults:
         lines += ["", f"The configured settings (trial 0) stayed best for: {', '.join(defaults)}."]

@@ -196,16 +196,21 @@ def list_methods(
         _show_method(console, rows[name])
         return
     table = Table(title=f"peftlab methods ({len(rows) - 1} named, and peft: any tuner by name)")
-    for column in ("method", "what it trains", "options", "merge", "mixed"):
+    for column in ("method", "what it trains", "options", "lr", "merge", "mixed"):
         table.add_column(column, overflow="fold")
     for row in rows.values():
         merge = "yes" if row["mergeable"] else "no" if row["adapter"] else "-"
         mixed = "yes" if row["mixed_batch"] else "no" if row["adapter"] else "-"
-        table.add_row(row["method"], row["description"], ", ".join(row["options"]), merge, mixed)
+        lr = row["options"].get("learning_rate")
+        lr_text = "-" if not isinstance(lr, float) else f"{lr:.1e}" + ("*" if row["default_source"].startswith("tuned") else "")
+        options = ", ".join(o for o in row["options"] if o != "learning_rate")
+        table.add_row(row["method"], row["description"], options, lr_text, merge, mixed)
     console.print(table)
     console.print("merge: `peftlab export --merge` folds the adapter into its base. mixed: rows of several such "
                   "adapters share one forward pass in `peftlab serve`. -: a whole model, not an adapter. "
-                  "`peftlab methods NAME`: options, defaults and search space.")
+                  "lr: the default learning rate; *: chosen by a recorded tune (docs/benchmarks.md section 3), "
+                  "the others provisional (docs/methods.md). `peftlab methods NAME`: options, defaults and search "
+                  "space.")
 
 
 def _show_method(console: Any, row: dict[str, Any]) -> None:
@@ -228,6 +233,7 @@ def _show_method(console: Any, row: dict[str, Any]) -> None:
     for option, default in row["options"].items():
         table.add_row(option, str(default), row["option_help"][option])
     console.print(table)
+    console.print(f"default learning rate: {row['default_source']}")
     searched = [f"{p.name} {p.low:g}..{p.high:g} (log)" if isinstance(p, LogFloat) else
                 f"{p.name} in {', '.join(map(str, p.choices))}" for p in SEARCH_SPACES[MethodName(row["method"])]]
     console.print(f"`peftlab tune` searches: {'; '.join(searched)}")

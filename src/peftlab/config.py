@@ -211,7 +211,7 @@ class FullConfig(_MethodBase):
     """Full fine-tuning: every weight is trained and the whole model is saved."""
 
     method: Literal["full"] = "full"
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class BitFitConfig(_MethodBase):
@@ -239,6 +239,7 @@ class LoraConfig(_LoraLike):
     """LoRA: low-rank updates on chosen linear layers; classifier head trained and saved with the adapter."""
 
     method: Literal["lora"] = "lora"
+    learning_rate: float = Field(1.1e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
     use_rslora: bool = Field(False, description="Scale the update by alpha / sqrt(r) (rsLoRA; see method rslora).")
     init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description=_LORA_INIT)
 

@@ -138,6 +138,21 @@ def save_weights(model: Any, folder: Path) -> None:
         lora.save_converted(model, folder, initial)
 
 
+# Methods whose default learning rate (and options) are the choice of a recorded tune: `peftlab run
+# configs/all_methods.yaml --tune`, an equal trial budget per method on the validation split of minilm-l6
+# (benchmarks/results/methods.json, docs/benchmarks.md section 3), rounded to two significant digits.
+# tests/unit/test_measured_defaults.py checks each against that record. The other methods' defaults are
+# provisional, from the sources named in their builders' docstrings (docs/methods.md).
+TUNED_DEFAULTS = frozenset({MethodName.FULL, MethodName.LORA})
+TUNED_SOURCE = "tuned (docs/benchmarks.md section 3)"
+PROVISIONAL_SOURCE = "provisional (peft's own experiments or the paper; see docs/methods.md)"
+
+
+def default_source(method: str) -> str:
+    """Where a method's default learning rate comes from, as `peftlab methods` shows it."""
+    return TUNED_SOURCE if method in {m.value for m in TUNED_DEFAULTS} else PROVISIONAL_SOURCE
+
+
 def describe_methods() -> list[dict[str, Any]]:
     """Each method with its options, their defaults and descriptions, and its capabilities, for `peftlab methods`."""
     from peftlab.config import METHOD_CONFIGS
@@ -151,7 +166,8 @@ def describe_methods() -> list[dict[str, Any]]:
         rows.append({"method": name.value, "description": (cls.__doc__ or "").strip().splitlines()[0],
                      "options": defaults,
                      "option_help": {key: field.description or "" for key, field in fields.items()},
-                     "adapter": spec.adapter, "mergeable": spec.mergeable, "mixed_batch": spec.mixed_batch})
+                     "adapter": spec.adapter, "mergeable": spec.mergeable, "mixed_batch": spec.mixed_batch,
+                     "default_source": default_source(name.value)})
     return rows
 
 
