@@ -66,6 +66,8 @@ class RunResult:
     resumed: bool = False
     seed: int | None = None  # training seed of this run; several runs may share a name with different seeds
     predictions_file: str = ""  # test predictions, relative to the run directory ("" when not saved)
+    # Where the run was tracked (training.report_to): mlflow_run_id, mlflow_tracking_uri, tensorboard_dir.
+    tracking: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainable_pct(self) -> float:
