@@ -135,6 +135,17 @@ def recorder(report_to: Any) -> Any:
     return TrackingRecorder()
 
 
+def detach(trainer: Any) -> None:
+    """Remove the Trainer's tracking callbacks once training is over: they have ended their runs, and a later
+    ``trainer.evaluate()`` (a run shorter than an epoch is evaluated once at the end) would start a stray one."""
+    if not trainer.args.report_to or trainer.args.report_to == "none":
+        return
+    from transformers.integrations import MLflowCallback, TensorBoardCallback
+
+    for callback in (MLflowCallback, TensorBoardCallback):
+        trainer.remove_callback(callback)
+
+
 def log_result(report_to: list[str], run_dir: Path, result: Any) -> None:
     """Log what the Trainer does not: the method's settings, its test metrics and its costs.
 

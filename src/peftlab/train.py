@@ -416,6 +416,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         finally:
             if display is not None:
                 display.close()  # after a failure too: the terminal gets its cursor back
+            tracking.detach(trainer)
         wall = time.perf_counter() - started
     peak_accelerator = int(torch.cuda.max_memory_allocated()) if on_gpu else None
     optimizer_bytes = _optimizer_state_bytes(trainer.optimizer)

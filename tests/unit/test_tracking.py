@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from peftlab.config import dump_config, load_config
+from peftlab.errors import ConfigError
 from peftlab.experiment import run_experiment
 from tests.conftest import review_rows, write_rows
 
@@ -86,7 +86,7 @@ def test_mlflow_has_one_run_per_method_with_params_history_test_metrics_and_the_
         mlflow.set_tracking_uri(None)
 
 
-def test_no_tracker_by_default_and_the_key_stays_out_of_the_saved_config(tmp_path: Path) -> None:
+def test_no_tracker_by_default_and_the_key_stays_out_of_the_saved_config() -> None:
     plain = load_config(data={"data": {"path": "x.csv"}, "methods": ["lora"]})
     assert plain.training.report_to == [] and "report_to" not in dump_config(plain)
     one = load_config(data={"data": {"path": "x.csv"}, "methods": ["lora"]}, overrides=["training.report_to=mlflow"])
@@ -94,15 +94,11 @@ def test_no_tracker_by_default_and_the_key_stays_out_of_the_saved_config(tmp_pat
 
 
 def test_a_tracker_that_is_not_installed_is_a_config_error_naming_the_install_command(
-        tmp_path: Path, tiny_bert: Path) -> None:
+        tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_rows(tmp_path / "reviews.csv", review_rows())
-    config = tmp_path / "exp.yaml"
-    config.write_text(json.dumps(tree(tiny_bert, data, report_to=["mlflow"])), encoding="utf-8")
     # mlflow is installed here: a None entry in sys.modules makes `import mlflow` fail as it does without it.
-    code = ("import sys; sys.modules['mlflow'] = None; from peftlab.cli import main; "
-            f"sys.argv = ['peftlab', 'run', {str(config)!r}, '-o', {str(tmp_path / 'run')!r}]; main()")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert "pip install 'peftlab[tracking]'" in result.stderr and "mlflow" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    config = load_config(data=tree(tiny_bert, data, report_to=["tensorboard", "mlflow"]))
+    with pytest.raises(ConfigError, match=r"asks for mlflow, which is not installed: .*`pip install 'peftlab\[tracking\]'`"):
+        run_experiment(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
