@@ -714,7 +714,7 @@ def render_results_console(experiment: ExperimentResult, console: Any = None) ->
                   pad_edge=False, collapse_padding=True)
     for column in columns:
         text = column in ("method", "seed")
-        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text or None)
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for row in rows:
         table.add_row(*row)
     console = console or _console()
@@ -753,8 +753,8 @@ def _console_rows(experiment: ExperimentResult) -> tuple[list[str], list[list[st
                      "time": f"{sum(r.wall_time_s for r in finished) / len(finished):.1f} s",
                      "size": human_bytes(finished[0].model_size_bytes)}
             for metric, title in metrics:
-                values = [r.test_metrics.get(metric, float("nan")) for r in finished]
-                cells[title] = "\n".join(_mean_std(values).split(" ± ", 1)).replace("\n", "\n±")
+                mean, std = _mean_std([r.test_metrics.get(metric, float("nan")) for r in finished]).split(" ± ")
+                cells[title] = f"{mean}\n±{std}"
                 if method_stats is not None and metric in method_stats.metrics:
                     cells[title] += "\n" + _console_interval(method_stats.metrics[metric])
             add(cells)

@@ -7,8 +7,9 @@ method (a child process inherits them). peftlab then adds what the Trainer never
 settings, the test metrics and costs (:func:`log_result`), and the report once it exists (:func:`log_report`).
 
 Where: TensorBoard event files in ``RUN_DIR/tensorboard/<run>``; MLflow in ``MLFLOW_TRACKING_URI`` when the
-user set one, else a file store in ``RUN_DIR/mlruns`` (offline, no server; ``mlflow ui --backend-store-uri``
-reads it). Both trackers are the optional extra ``tracking``.
+user set one, else a file store in ``RUN_DIR/mlruns`` (offline, no server; MLflow 3 opens a file store only
+with ``MLFLOW_ALLOW_FILE_STORE=true``, which peftlab sets for its own calls). Both trackers are the optional
+extra ``tracking``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def check_installed(report_to: list[str] | tuple[str, ...]) -> None:
             missing.append(tracker)
     if missing:
         names = " and ".join(missing)
-        raise ConfigError(f"training.report_to asks for {names}, which is not installed: install the tracking extra "
+        raise ConfigError(f"training.report_to asks for {names}, not installed here: install the tracking extra "
                           f"with `{INSTALL}`, or remove {names} from training.report_to")
 
 

@@ -26,7 +26,7 @@ def peftlab(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """`peftlab run` as a user runs it: LoRA (a PEFT model, where peft reads the deprecated alias) in its own process."""
+    """`peftlab run` as a user runs it: LoRA (a PEFT model: peft reads the deprecated alias) in its own process."""
     folder = tmp_path_factory.mktemp("console")
     data = write_rows(folder / "reviews.csv", review_rows())
     config = folder / "exp.yaml"
@@ -104,12 +104,13 @@ def _run(name: str, method: str, seed: int, trainable: int, total: int, **metric
 
 def _stats(names: list[str], seeds: list[int]) -> dict:
     interval = Interval(estimate=0.7, low=0.6512, high=0.7488)
+    difference = Interval(-0.012, -0.0451, 0.0213)
     methods = [MethodStats(name=n, seeds=list(seeds), metrics={"accuracy": interval, "f1_macro": interval},
                            per_seed={m: [0.7] * len(seeds) for m in ("accuracy", "f1_macro")},
                            std={m: 0.0123 if len(seeds) > 1 else None for m in ("accuracy", "f1_macro")},
                            never_predicted={},
                            comparisons={} if n == names[0] else {"f1_macro": Comparison(
-                               "f1_macro", names[0], Interval(-0.012, -0.0451, 0.0213), "no detectable difference from")})
+                               "f1_macro", names[0], difference, "no detectable difference from")})
                for n in names]
     return ExperimentStats(reference=names[0], confidence=0.95, bootstrap_samples=1000, seed=0, test_rows=1061,
                            methods=methods).to_dict()
