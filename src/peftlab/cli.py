@@ -39,20 +39,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, with the Trainer's dict logs and the libraries' own logs and bars.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
 ) -> None:
     """peftlab: one config, every method trained on the same data and split, one report."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("peftlab").setLevel(level)
-    for noisy in ("peft", "accelerate", "datasets", "httpx", "filelock", "optuna"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    if not verbose:
-        # transformers logs a table for every new classification head, which peftlab creates on purpose.
-        import transformers
+    from peftlab.console import quiet_third_party
 
-        transformers.utils.logging.set_verbosity_error()
+    quiet_third_party(verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -304,8 +300,10 @@ def predict(
         raise FilesystemError(f"--output {output} is a folder; give a file path such as {output / 'predictions.jsonl'}")
     if output is not None and output.exists() and not overwrite:
         raise PeftlabError(f"{output} exists; pass --overwrite to replace it")
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)  # results and errors only: no "preparing the base model" and the like
     predictor = load_predictor(model_dir, base_model=base, batch_size=batch_size)
-    rows = predictor.predict_detailed(items, progress=file is not None)
+    rows = predictor.predict_detailed(items)
     if output is not None:
         fsutil.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         typer.echo(f"{len(rows)} predictions written to {output}")

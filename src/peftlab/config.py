@@ -25,6 +25,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -571,6 +572,14 @@ class TrainingConfig(_Strict):
                             "and 0.055 (prompt_tuning) (docs/class_weights.md). The saved config records the "
                             "resolved value."
     )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers, each an optional extra (pip install 'peftlab[tracking]'): one tracking run "
+                    "per method and seed with its settings, per-epoch train and validation metrics, final test "
+                    "metrics and costs, and the report. tensorboard: event files in RUN_DIR/tensorboard/<run>; "
+                    "mlflow: the server in MLFLOW_TRACKING_URI if set, else a file store in RUN_DIR/mlruns. "
+                    "Tuning trials are not tracked."
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -585,6 +594,25 @@ class TrainingConfig(_Strict):
             raise ValueError(f"training.seeds repeats {repeated}: a repeated seed trains the same run twice and "
                              f"shrinks the spread; list each seed once")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_or_none(cls, value: Any) -> Any:
+        # `--set training.report_to=mlflow` gives a string; `none` is the Trainer's word for no tracker.
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        if isinstance(value, list) and len(set(map(str, value))) < len(value):
+            raise ValueError(f"training.report_to repeats a tracker: {value}; list each once")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_report_to(self, handler: Any) -> Any:
+        # Without trackers the key is left out of dumps, so a config.yaml (or a tuning study's fingerprint) from
+        # before the field existed still compares equal on --resume.
+        data = handler(self)
+        if isinstance(data, dict) and not self.report_to:
+            data.pop("report_to", None)
+        return data
 
     @field_validator("class_weights", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from peftlab import fsutil, rundir
+from peftlab import fsutil, rundir, tracking
 from peftlab.config import ExperimentConfig, dump_config
 from peftlab.dist import is_main_process, world_size
 from peftlab.errors import ConfigError, RunDirError
@@ -127,6 +127,7 @@ def load_inputs(config: ExperimentConfig) -> tuple[Path, Any, Any]:
     tokenizer = load_tokenizer(folder, config.model.trust_remote_code)
     data = prepare_data(config.data, config.task, tokenizer)
     class_weights(config, data)
+    tracking.check_installed(config.training.report_to)
     return folder, tokenizer, data
 
 
@@ -167,16 +168,20 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
             logger.info("== %s (%s) ==", label, method_config.method)
             if is_main_process():
                 rundir.check_intact(run_dir)
-            if isolate:
-                result = run_in_child(config, method_config, run_dir, method_dir, seed, resume)
-            else:
-                result = train_one(config, method_config, data, base, tokenized, method_dir, seed, resume)
+            # The Trainer's trackers read where to log from the environment, which a child process inherits.
+            with tracking.environment(config.training.report_to, run_dir, tracking.run_name(name, seed, seeds),
+                                      config.name or run_dir.name):
+                if isolate:
+                    result = run_in_child(config, method_config, run_dir, method_dir, seed, resume)
+                else:
+                    result = train_one(config, method_config, data, base, tokenized, method_dir, seed, resume)
             if result.status == "ok":  # paths relative to the run directory, wherever the seed's folder is
                 result.output_dir = str((method_dir / MODEL_DIR).relative_to(run_dir))
                 if result.predictions_file:
                     result.predictions_file = str((method_dir / PREDICTIONS_FILE).relative_to(run_dir))
             if is_main_process():
                 rundir.check_intact(run_dir)  # never recreate a deleted run directory with half its files
+                tracking.log_result(config.training.report_to, run_dir, result)
                 fsutil.write_json(done, dataclasses.asdict(result))
             runs.append(result)
 
@@ -187,6 +192,7 @@ def _run_methods(config: ExperimentConfig, selected: list[Any], run_dir: Path, f
     if is_main_process():
         rundir.check_intact(run_dir)
         write_report(experiment, run_dir)
+        tracking.log_report(config.training.report_to, run_dir, runs)
     return experiment
 
 

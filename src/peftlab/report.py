@@ -899,10 +899,15 @@ def _cards_with_intervals(experiment: ExperimentResult, stats: ExperimentStats |
 # --------------------------------------------------------------------------- console
 
 
+CONSOLE_WIDTH = 100  # the results table and summary fit it, whatever the terminal (tested at exactly this width)
+
+
 def _console() -> Any:
+    """A console of at most :data:`CONSOLE_WIDTH` columns (the terminal's own width when that is narrower)."""
     from rich.console import Console
 
-    return Console(stderr=False, width=140)
+    console = Console(stderr=False)
+    return Console(stderr=False, width=min(console.width, CONSOLE_WIDTH) if console.is_terminal else CONSOLE_WIDTH)
 
 
 def render_data_report_console(report: Any) -> None:
@@ -942,20 +947,86 @@ def render_data_report_console(report: Any) -> None:
     console.print(table)
 
 
-def render_results_console(experiment: ExperimentResult) -> None:
-    """Print the comparison table and summary sentences."""
+def render_results_console(experiment: ExperimentResult, console: Any = None) -> None:
+    """Print the comparison table (the columns a reader compares first; report.md has them all) and the summary.
+
+    Args:
+        experiment: the finished experiment.
+        console: a ``rich.console.Console`` to print on (default: standard output, :data:`CONSOLE_WIDTH` wide).
+    """
+    from rich import box
     from rich.table import Table
 
-    columns, rows = _comparison(experiment)
-    table = Table(title=f"peftlab: {experiment.name}")
+    columns, rows = _console_rows(experiment)
+    # Every cell is split into lines here, so no column needs wrapping: rich's table shrinks its widest columns
+    # first, whatever their words, and would cut a number in two. Only a long method name may fold.
+    table = Table(title=f"peftlab: {experiment.name}", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
+                  pad_edge=False, collapse_padding=True)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        text = column in ("method", "seed")
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for row in rows:
-        table.add_row(*[str(row.get(c, "")) for c in columns])
-    console = _console()
+        table.add_row(*row)
+    console = console or _console()
     console.print(table)
     for sentence in summary_sentences(experiment):
         console.print(f"• {sentence}")
+
+
+def _console_rows(experiment: ExperimentResult) -> tuple[list[str], list[list[str]]]:
+    """The console table, a subset of report.md's: a row per method (and seed), its detail on the lines below.
+
+    Two lines per run (a count, then its share; an estimate, then its interval), three for the mean over seeds
+    (mean, ± std, interval); 3-decimal intervals. A failed method's error is left to the messages after the table.
+    """
+    classify = experiment.task == "classification"
+    stats = _statistics(experiment)
+    several = _several_seeds(experiment)
+    level = f"\n({_level(stats)} CI)" if stats else ""
+    metrics = [("accuracy", "accuracy" + level), ("f1_macro", "macro F1" + level)] if classify else \
+        [("loss", "test\nloss"), ("perplexity", "perplexity")]
+    columns = ["method"] + (["seed"] if several else []) + ["trainable", "time", "peak\nRSS", "size", "best\nepoch"]
+    columns += [title for _, title in metrics]
+    rows: list[list[str]] = []
+
+    def add(cells: dict[str, str]) -> None:
+        rows.append([cells.get(c, "") for c in columns])
+
+    if not classify and experiment.base_eval_loss is not None:
+        add({"method": "base\n(no training)", "trainable": "0", "test\nloss": _fmt(experiment.base_eval_loss),
+             "perplexity": _fmt(perplexity(experiment.base_eval_loss), 2)})
+    for name, group in _groups(experiment.runs).items():
+        finished = _ok(group)
+        method_stats = stats.method(name) if stats and finished else None
+        if len(group) > 1 and finished:  # mean ± std over the seeds, with the interval of the mean
+            cells = {"method": name, "seed": "mean", "trainable": human_count(finished[0].trainable_params),
+                     "time": f"{sum(r.wall_time_s for r in finished) / len(finished):.1f} s",
+                     "size": human_bytes(finished[0].model_size_bytes)}
+            for metric, title in metrics:
+                mean, std = _mean_std([r.test_metrics.get(metric, float("nan")) for r in finished]).split(" ± ")
+                cells[title] = f"{mean}\n±{std}"
+                if method_stats is not None and metric in method_stats.metrics:
+                    cells[title] += "\n" + _console_interval(method_stats.metrics[metric])
+            add(cells)
+        for run in group:
+            cells = {"method": name, "seed": "-" if run.seed is None else str(run.seed)}
+            if run.status != "ok":
+                add({**cells, "trainable": "failed"})
+                continue
+            pct = f"{run.trainable_pct:.2f}" if run.trainable_pct >= 0.01 else f"{run.trainable_pct:.2g}"
+            cells.update({"trainable": f"{human_count(run.trainable_params)}\n({pct}%)",
+                          "time": f"{run.wall_time_s:.1f} s", "peak\nRSS": human_bytes(run.peak_rss_bytes),
+                          "size": human_bytes(run.model_size_bytes), "best\nepoch": _fmt(run.best_epoch, 0)})
+            for metric, title in metrics:
+                cells[title] = _fmt(run.test_metrics.get(metric), 2 if metric == "perplexity" else 4)
+                if len(group) == 1 and method_stats is not None and metric in method_stats.metrics:
+                    cells[title] += "\n" + _console_interval(method_stats.metrics[metric])
+            add(cells)
+    return columns, rows
+
+
+def _console_interval(interval: Interval) -> str:
+    return f"{interval.low:.3f}–{interval.high:.3f}"
 
 
 # --------------------------------------------------------------------------- tuning studies

@@ -90,6 +90,8 @@ class RunResult:
     seed: int | None = None  # training seed of this run; several runs may share a name with different seeds
     predictions_file: str = ""  # test predictions, relative to the run directory ("" when not saved)
     parameter_parts: ParameterParts | None = None  # trainable parameters by part (None in runs from before it)
+    # Where the run was tracked (training.report_to): mlflow_run_id, mlflow_tracking_uri, tensorboard_dir.
+    tracking: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainable_pct(self) -> float:

@@ -40,9 +40,11 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOTS = "plots"
 BASELINE = "base_model.json"  # causal LM: the base model's loss and generations, reused by --resume
+TENSORBOARD = "tensorboard"  # training.report_to: event files, one folder per method and seed
+MLRUNS = "mlruns"  # training.report_to: the MLflow file store (when MLFLOW_TRACKING_URI names none)
 # Everything peftlab writes at the top of a run directory; method folders are recognised by their content.
 TOP_LEVEL = {MARKER, CONFIG, ENVIRONMENT, DATA_REPORT, RESULTS_JSON, RESULTS_CSV, REPORT_MD, REPORT_HTML, PLOTS,
-             BASELINE}
+             BASELINE, TENSORBOARD, MLRUNS}
 # What a method folder may hold (the saved model, its checkpoints, its measurements and predictions).
 METHOD_ENTRIES = {MODEL_DIR, "checkpoints", RESULT_FILE, "test_predictions.jsonl", "seeds"}
 

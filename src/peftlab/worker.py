@@ -26,6 +26,7 @@ from typing import Any
 from peftlab import fsutil, rundir
 from peftlab.artifacts import MODEL_DIR
 from peftlab.config import ExperimentConfig, load_config
+from peftlab.console import quiet_third_party
 from peftlab.errors import FilesystemError, MethodError
 from peftlab.results import RunResult
 
@@ -72,7 +73,7 @@ def run_in_child(config: ExperimentConfig, method_config: Any, run_dir: Path, me
                 "run_dir": str(run_dir), "method_dir": str(method_dir), "resume": resume, "output": str(output),
                 "log_level": logging.getLogger("peftlab").getEffectiveLevel()}
         # The child re-imports torch/transformers (~5 s): small next to a method's training, and the price of a
-        # clean process. Its output goes straight to this terminal (progress bars, logs).
+        # clean process. Its output goes straight to this terminal (its live display, logs).
         done = subprocess.run([sys.executable, "-m", "peftlab.worker"], input=json.dumps(spec), text=True,
                               check=False, env={**os.environ, "PEFTLAB_WORKER": "1"})
         if output.is_file():
@@ -89,10 +90,7 @@ def _child_main(spec: dict[str, Any]) -> int:
     logging.basicConfig(level=spec["log_level"], format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("peftlab").setLevel(spec["log_level"])
-    if spec["log_level"] > logging.DEBUG:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()  # as the parent: no table for every new head
+    quiet_third_party(verbose=spec["log_level"] <= logging.DEBUG)  # as the parent: same warnings, bars and logs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
