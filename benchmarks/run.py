@@ -8,8 +8,9 @@ Scenarios (each training run is its own process, so its peak memory is its own):
   methods  every method of configs/all_methods.yaml tuned within one trial budget, then compared on the test split:
            intervals, paired verdicts against full, the majority-class floor, quality against cost
   tune_cost  the tuner's wall time per method as a multiple of one untuned run, pruning on and off
-  serve    requests/s and p50/p95 latency of `peftlab serve` with 1, 4 and 16 adapters; memory per adapter
-           against one model per task; merged against unmerged forward passes
+  serve    requests/s and p50/p95 latency of `peftlab serve` with 1, 4, 16 and 64 adapters, LoRA alone and mixed
+           with IA3 and prompt tuning; gathered passes against one per adapter; memory per adapter against one
+           model per task; merged against unmerged forward passes
   fast     the measured effect of each fast-path default (inference_mode, longest-first batches, fused AdamW,
            thread count, gradient checkpointing)
 
@@ -275,7 +276,8 @@ def render_tune_cost(r: dict[str, Any]) -> list[str]:
 def scenario_serve(train_samples: int) -> dict[str, Any]:
     del train_samples  # serving uses random adapters: no training
     return {"load": child_json("serve_load.py"),
-            "memory": child_json("serve_memory.py", "--json", "--counts", "1", "4", "16", "--naive", "1", "4", "16")}
+            "memory": child_json("serve_memory.py", "--json", "--counts", "1", "4", "16", "64", "--naive", "1", "4",
+                                 "16")}
 
 
 def scenario_fast(train_samples: int) -> dict[str, Any]:
@@ -485,39 +487,99 @@ def pareto_front(cost: dict[str, float], quality: dict[str, float]) -> list[str]
     return sorted((n for n in cost if not dominated(n)), key=lambda n: cost[n])
 
 
+def _mix_baseline(cases: dict[str, dict[str, Any]], methods: dict[str, int]) -> float | None:
+    """Requests/s of the mix's traffic if each request went to a server of one adapter of its method: the
+    weighted harmonic mean of the one-adapter cases (None if one is missing)."""
+    total = sum(methods.values())
+    singles = [(count / total, cases.get(f"{method}-1")) for method, count in methods.items()]
+    if any(case is None for _, case in singles):
+        return None
+    return 1.0 / sum(share / case["requests_per_s"] for share, case in singles)  # type: ignore[index]
+
+
 def render_serve(results: dict[str, Any]) -> list[str]:
     load, memory = results["load"], results["memory"]
-    cases = load["cases"]
+    cases = {c["case"]: c for c in load["cases"]}
+    first = load["cases"][0]
+    one = cases["lora-1"]
     lines = ["## 4. Serving many adapters on one base model", "",
-             f"`peftlab serve --eager` on minilm-l6 with random LoRA adapters (r={memory['rank']}, query/value); "
-             f"{cases[0]['clients']} client threads on the same machine send {cases[0]['requests']} one-text "
-             "`/v1/classify` requests, request i to adapter i mod k (`benchmarks/serve_load.py`).", "",
-             "| adapters | batching window | requests/s | p50 latency | p95 latency | requests per forward pass | "
-             "server RSS |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in cases:
-        lines.append(f"| {c['adapters']} | {c['batch_window_ms']:g} ms | {c['requests_per_s']:.0f} | "
-                     f"{c['p50_ms']:.0f} ms | {c['p95_ms']:.0f} ms | {c['requests'] / max(1, c['forward_passes']):.1f} "
-                     f"| {c['server_rss_bytes'] / MiB:.0f} MiB |")
-    one = cases[0]
-    sixteen = next(c for c in cases if c["adapters"] == 16 and c["batch_window_ms"] > 0)
-    lines += ["", f"Mixed traffic over 16 adapters is served at {sixteen['requests_per_s'] / one['requests_per_s']:.2f}x "
-              "the requests/s of a single adapter, still in one forward pass per batch: rows of different LoRA "
-              "adapters share it (peft's `adapter_names`), and inside it each LoRA layer and classifier head runs "
-              "once per adapter present, on that adapter's rows, which is what the mix costs.", ""]
+             "`peftlab serve --eager --max-loaded 0` on minilm-l6 with random adapters: LoRA "
+             f"(r={memory['rank']}, query/value), IA3 (key/value/FFN output) and prompt tuning (8 virtual tokens), "
+             f"each with its classifier head. {first['clients']} client threads on the same machine send one-text "
+             "`/v1/classify` requests, request i to adapter i mod k (`benchmarks/serve_load.py`). Every case is "
+             f"its own server, with {load.get('threads', 1)} torch thread{'s' if load.get('threads', 1) != 1 else ''} "
+             "(`OMP_NUM_THREADS`: eight servers and the clients share the cores); all were started first and "
+             f"then loaded in {first['rounds']} interleaved rounds "
+             f"({first['requests']} requests each in all), so the shared machine's changing load fell on every "
+             "case alike: the ratios are the result, the absolute numbers this machine's at that hour"
+             + (f" (1-minute load average {load['load_average'][0]:.1f} before the rounds and "
+                f"{load['load_average'][1]:.1f} after, on {load['cpus']} cores)" if "load_average" in load else "")
+             + ".", "",
+             "| case | adapters | batching window | requests/s | vs one LoRA adapter | p50 latency | p95 latency | "
+             "requests per forward pass | server RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in load["cases"]:
+        mix = " + ".join(f"{n} {m}" for m, n in c["methods"].items())
+        lines.append(f"| {c['case']} | {mix} | {c['batch_window_ms']:g} ms | {c['requests_per_s']:.0f} | "
+                     f"{c['requests_per_s'] / one['requests_per_s']:.2f}x | {c['p50_ms']:.0f} ms | "
+                     f"{c['p95_ms']:.0f} ms | {c['requests'] / max(1, c['forward_passes']):.1f} | "
+                     f"{c['server_rss_bytes'] / MiB:.0f} MiB |")
+    lora16 = cases["lora-16"]["requests_per_s"] / one["requests_per_s"]
+    mix = cases["mix-16"]
+    baseline = _mix_baseline(cases, mix["methods"])
+    lines += ["", f"**Throughput: mixed traffic over 16 LoRA adapters at {lora16:.2f}x the requests/s of one LoRA "
+              f"adapter** (target 0.9x: {_met(lora16 >= 0.9)})."]
+    if baseline is not None:
+        ratio = mix["requests_per_s"] / baseline
+        lines += ["", f"**The 16-adapter mix of LoRA, IA3 and prompt tuning at {ratio:.2f}x the requests/s of the "
+                  "same traffic served by one adapter of each method alone** (target 0.9x: "
+                  f"{_met(ratio >= 0.9)}; that baseline is {baseline:.0f} requests/s, the one-adapter cases "
+                  f"weighted by the mix's shares, since a prompt-tuning row is longer by its virtual tokens); "
+                  f"{mix['requests_per_s'] / one['requests_per_s']:.2f}x the one-LoRA-adapter case."]
+    lines += ["", "Rows of different adapters share one forward pass (`peftlab.serve.mixed`), whatever their method "
+              "among LoRA, IA3 and prompt tuning: the server's PeftModels are skeletons over the same base tensors, "
+              "so one of them runs every row, and in each layer some row's adapter adapts, every row's own LoRA "
+              "A/B matrices or IA3 vector are gathered from a stack of the adapters in the batch (`index_select`) "
+              "and applied with batched matmuls (`torch.bmm`); heads alike; prompt-tuning rows get their own "
+              "virtual tokens ahead of the text, the other rows as many masked positions after it. The adapter part "
+              "of a pass no longer grows with the number of adapters in it (peft's own `adapter_names` runs each "
+              "layer once per adapter present, on its rows, and cannot mix methods).", ""]
+    modes = load.get("modes", {})
+    if modes:
+        labels = {"one": "one pass", "method": "one pass per method", "adapter": "one pass per adapter"}
+        lines += ["How far rows share a pass, in this process through the registry: one batch with each of 16 "
+                  "adapters present, in each mixing mode (one gathered pass for every row; one per method, the "
+                  "way for methods that could not share a pass; one per adapter, no gathering). Medians of "
+                  f"{next(iter(modes.values()))['rounds']} interleaved rounds:", "",
+                  "| adapters | texts | " + " | ".join(labels.values()) + " | fastest |",
+                  "|---|---:|---:|---:|---:|---|"]
+        fastest = {}
+        for key, m in modes.items():
+            mix = " + ".join(f"{n} {method}" for method, n in m["methods"].items())
+            cells = [f"{m['ms'][mode]:.0f} ms ({m['passes'][mode]} pass{'es' if m['passes'][mode] != 1 else ''})"
+                     if mode in m["ms"] else "-" for mode in labels]
+            fastest[key] = min(m["ms"], key=m["ms"].get)
+            lines.append(f"| {mix} | {m['texts']} | " + " | ".join(cells) + f" | {labels[fastest[key]]} |")
+        verdict = ("One pass for every row is the fastest in every case, so the server runs it (`mixing=\"one\"`, "
+                   "the default); methods it cannot gather (DoRA, LoHa, prefix tuning, ...) keep one pass per "
+                   "adapter, in the same scheduling step." if set(fastest.values()) == {"one"} else
+                   "One pass for every row is not the fastest everywhere: " + "; ".join(
+                       f"{k}: {labels[v]}" for k, v in fastest.items() if v != "one")
+                   + ". The server runs one pass (`mixing=\"one\"`, the default).")
+        lines += ["", verdict, ""]
     shared = {row["count"]: row for row in memory["shared"]}
     naive = {row["count"]: row for row in memory["naive"]}
-    lines += ["Resident memory (`benchmarks/serve_memory.py`, a fresh process per row): one base with N adapters "
-              "against N independent models, one per task (what serving a merged model per task costs). The first "
-              "of each includes one-time costs (buffers, lazily imported code), so the per-task cost is the growth "
-              "from 1 to N, divided by N - 1.", "",
-              "| tasks (N) | one base + N adapters: growth over the base | each further adapter | N models: growth | "
-              "each further model |", "|---:|---:|---:|---:|---:|"]
+    lines += ["Resident memory (`benchmarks/serve_memory.py`, a fresh process per row, LoRA adapters): one base with N "
+              "adapters against N independent models, one per task (what serving a merged model per task costs). "
+              "The first of each includes one-time costs (buffers, lazily imported code), so the per-task cost is "
+              "the growth from 1 to N, divided by N - 1.", "",
+              "| tasks (N) | one base + N adapters: RSS | growth over the base | each further adapter | "
+              "N models: growth | each further model |", "|---:|---:|---:|---:|---:|---:|"]
 
     def growth(row: dict[str, Any], start: str) -> float:
         return (row["loaded"] - row[start]) / MiB
 
     for count in sorted(set(shared) | set(naive)):
-        cells = []
+        cells = [f"{shared[count]['loaded'] / MiB:.0f} MiB" if count in shared else "-"]
         for rows, start, digits in ((shared, "base", 2), (naive, "before", 1)):
             if count in rows:
                 total = growth(rows[count], start)
@@ -526,8 +588,11 @@ def render_serve(results: dict[str, Any]) -> list[str]:
             else:
                 cells += ["-", "-"]
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    top = max(shared)
+    lines += ["", f"With {top} adapters loaded the server process holds {shared[top]['loaded'] / MiB:.0f} MiB resident, "
+              f"{growth(shared[top], 'base'):.1f} MiB more than the base model alone.", ""]
     f = load["forward"]
-    lines += ["", "One forward pass of the same adapter merged into the weights (`peftlab export --merge`) against "
+    lines += ["One forward pass of the same adapter merged into the weights (`peftlab export --merge`) against "
               "left as LoRA, in one process:", "", "| texts | LoRA (unmerged) | merged | merged / unmerged |",
               "|---:|---:|---:|---:|"]
     for size in (1, 32):

@@ -1,19 +1,26 @@
-"""Serving throughput and latency of `peftlab serve` with 1, 4 and 16 LoRA adapters on one base model.
+"""Serving throughput and latency of `peftlab serve` with 1 to 64 adapters on one base model, LoRA alone and a mix.
 
-    python benchmarks/serve_load.py [--requests 600] [--clients 16] [--poisoning-only]
+    python benchmarks/serve_load.py [--requests 900] [--rounds 3] [--clients 16] [--poisoning-only]
 
-For each case a real ``peftlab serve --eager`` process is started on a free port, with only that case's
-adapters in its folder (random LoRA r=8 adapters on minilm-l6, from ``serve_memory.make_adapters``).
-``--clients`` threads, each with its own keep-alive HTTP connection, send one-text ``/v1/classify``
-requests; request i goes to adapter ``i mod k``, so concurrent requests mix adapters. After a warm-up
-the benchmark times ``--requests`` requests: requests/s, p50 and p95 latency, the forward passes and
-batches the server reports, and the server's resident memory (psutil) after the load.
+Every case is a real ``peftlab serve --eager --max-loaded 0`` process on a free port, with only that case's
+adapters in its folder (random adapters on minilm-l6 from ``serve_memory.make_adapters``: LoRA r=8 on
+query/value, IA3 on key/value/FFN output, prompt tuning with 8 virtual tokens; each with its classifier head).
+Cases: 1, 4, 16 and 64 LoRA adapters; 16 LoRA adapters with the batching window off (``0 ms``); one IA3 and one
+prompt-tuning adapter alone; and 16 adapters of the three methods mixed (6 LoRA, 5 IA3, 5 prompt tuning).
 
-Cases: 1 adapter; 4 and 16 adapters mixed; 16 adapters with the batching window off (``0 ms``), to show
-what sharing forward passes is worth. Then, in this process, the alternative of one merged model per
-task: time of one forward pass of a merged LoRA model against the same adapter unmerged, at 1 and 32
-texts. Prints one JSON line. The load generator shares the machine's cores with the server, as a
-client on the same host would.
+All the servers are started first, then measured in interleaved rounds (each round sends every case
+``--requests / --rounds`` requests in turn), so that the shared machine's changing load falls on every case
+alike: the ratios between cases are the result, the absolute numbers are this machine's at that hour.
+``--clients`` threads, each with its own keep-alive HTTP connection, send one-text ``/v1/classify`` requests;
+request i goes to adapter ``i mod k``, so concurrent requests mix adapters. Reported per case: requests/s, p50
+and p95 latency, the forward passes and batches the server counted, and its resident memory (psutil) after.
+
+In this process: for 16 adapters of each of LoRA, IA3 and prompt tuning and for the 16-adapter mix, one batch
+of rows (16 and 64 texts, every adapter present) through the registry in each mixing mode (one gathered pass for
+all rows, one per method, one per adapter), in interleaved rounds; and one forward pass of a merged LoRA model
+against the same adapter unmerged.
+Prints one JSON line. The load generator shares the machine's cores with the server, as a client on the same
+host would.
 
 Poisoning (the reliability issue's red-team case): the same 16 clients of valid traffic on 16 adapters,
 plus one client that sends a request with an invalid text (a lone surrogate, an empty or a blank text,
@@ -54,16 +61,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(adapters: Path, window_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(adapters: Path, window_ms: float, threads: int = 1) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "peftlab.cli", "-q", "serve", "--base", "minilm-l6", "--adapters", str(adapters),
-               "--eager", "--port", str(port), "--batch-window-ms", str(window_ms)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "--eager", "--max-loaded", "0", "--port", str(port), "--batch-window-ms", str(window_ms)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # 64 adapters on a busy 2-core machine
     expected = len(list(adapters.iterdir()))
     while time.time() < deadline:
         if server.poll() is not None:
@@ -76,7 +83,7 @@ def start_server(adapters: Path, window_ms: float) -> tuple[subprocess.Popen, st
             pass
         time.sleep(0.5)
     server.kill()
-    raise RuntimeError("server did not become ready in 180 s")
+    raise RuntimeError("server did not become ready in 600 s")
 
 
 POISONS = ["ab\ud800c", "\udfff", "", " ", "\t\n"]
@@ -131,7 +138,8 @@ def load(url: str, names: list[str], requests: int, clients: int, errors: list[s
     return latencies
 
 
-def poisoning(root: Path, folders: list[Path], requests: int, clients: int, every_s: float = 0.2) -> dict[str, Any]:
+def poisoning(root: Path, folders: list[Path], requests: int, clients: int, every_s: float = 0.2,
+              threads: int = 1) -> dict[str, Any]:
     """Valid traffic from ``clients`` threads on 16 adapters while one more client sends an invalid text
     every ``every_s`` seconds; counts the valid requests that failed (the issue's red-team setup)."""
     import httpx
@@ -140,7 +148,7 @@ def poisoning(root: Path, folders: list[Path], requests: int, clients: int, ever
     served.mkdir()
     for folder in folders[:16]:
         shutil.copytree(folder, served / folder.name)
-    server, url = start_server(served, 5.0)
+    server, url = start_server(served, 5.0, threads)
     statuses: dict[int, int] = {}
     done = threading.Event()
 
@@ -176,31 +184,100 @@ def poisoning(root: Path, folders: list[Path], requests: int, clients: int, ever
             "poisoning_every_s": every_s, "poisoning_statuses": {str(k): v for k, v in sorted(statuses.items())}}
 
 
-def case(root: Path, folders: list[Path], count: int, window_ms: float, requests: int, clients: int) -> dict[str, Any]:
+MIX = {"lora": 6, "ia3": 5, "prompt_tuning": 5}  # the 16-adapter mix
+# label -> (adapters per method, batching window in ms)
+CASES: dict[str, tuple[dict[str, int], float]] = {
+    "lora-1": ({"lora": 1}, 5.0), "lora-4": ({"lora": 4}, 5.0), "lora-16": ({"lora": 16}, 5.0),
+    "lora-64": ({"lora": 64}, 5.0), "lora-16, no window": ({"lora": 16}, 0.0),
+    "ia3-1": ({"ia3": 1}, 5.0), "prompt_tuning-1": ({"prompt_tuning": 1}, 5.0),
+    "mix-16": (MIX, 5.0),
+}
+
+
+def cases(root: Path, folders: dict[str, list[Path]], requests: int, rounds: int, clients: int,
+          threads: int) -> list[dict[str, Any]]:
+    """Start a server per case, then load them in interleaved rounds; one result per case."""
     import httpx
     import psutil
 
-    served = root / f"case-{count}-{window_ms:g}"
-    served.mkdir()
-    for folder in folders[:count]:
-        shutil.copytree(folder, served / folder.name)
-    server, url = start_server(served, window_ms)
+    running: dict[str, tuple[subprocess.Popen, str, list[str]]] = {}
     try:
-        names = sorted(p.name for p in served.iterdir())
-        load(url, names, max(4 * clients, 2 * count), clients)  # warm-up: every adapter, every code path
-        before = httpx.get(f"{url}/health").json()
-        started = time.perf_counter()
-        latencies = sorted(load(url, names, requests, clients))
-        wall = time.perf_counter() - started
-        after = httpx.get(f"{url}/health").json()
-        rss = psutil.Process(server.pid).memory_info().rss
+        for label, (counts, window_ms) in CASES.items():
+            served = root / f"case-{len(running)}"
+            served.mkdir()
+            for method, count in counts.items():
+                for folder in folders[method][:count]:
+                    shutil.copytree(folder, served / folder.name)
+            server, url = start_server(served, window_ms, threads)
+            names = sorted(p.name for p in served.iterdir())
+            running[label] = (server, url, names)
+            load(url, names, max(4 * clients, 2 * len(names)), clients)  # warm-up: every adapter, every code path
+        before = {label: httpx.get(f"{url}/health").json() for label, (_, url, _) in running.items()}
+        latencies: dict[str, list[float]] = {label: [] for label in running}
+        wall = dict.fromkeys(running, 0.0)
+        for _ in range(rounds):
+            for label, (_, url, names) in running.items():
+                started = time.perf_counter()
+                latencies[label] += load(url, names, requests // rounds, clients)
+                wall[label] += time.perf_counter() - started
+        out = []
+        for label, (server, url, names) in running.items():
+            after = httpx.get(f"{url}/health").json()
+            times = sorted(latencies[label])
+            counts, window_ms = CASES[label]
+            out.append({"case": label, "methods": counts, "adapters": len(names), "batch_window_ms": window_ms,
+                        "requests": len(times), "clients": clients, "rounds": rounds,
+                        "requests_per_s": len(times) / wall[label], "p50_ms": 1000 * statistics.median(times),
+                        "p95_ms": 1000 * times[int(0.95 * (len(times) - 1))],
+                        "forward_passes": after["forward_passes"] - before[label]["forward_passes"],
+                        "batches": after["batches"] - before[label]["batches"],
+                        "server_rss_bytes": psutil.Process(server.pid).memory_info().rss})
+        return out
     finally:
-        stop(server)
-    return {"adapters": count, "batch_window_ms": window_ms, "requests": requests, "clients": clients,
-            "requests_per_s": requests / wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
-            "forward_passes": after["forward_passes"] - before["forward_passes"],
-            "batches": after["batches"] - before["batches"], "server_rss_bytes": rss}
+        for server, _, _ in running.values():
+            stop(server)
+
+
+def mixing_modes(root: Path, folders: dict[str, list[Path]], rounds: int = 7) -> dict[str, Any]:
+    """One batch with each of 16 adapters present, through the registry, in each mixing mode (serve.mixed.MODES):
+    one gathered pass for every row, one per method, one per adapter (no gathering); for 16 adapters of each
+    method and for the 16-adapter mix. Medians of interleaved rounds after a warm-up round."""
+    from peftlab.serve.registry import AdapterRegistry
+
+    sets = {method: {method: 16} for method in ("lora", "ia3", "prompt_tuning")}
+    sets["mix"] = MIX
+    out: dict[str, Any] = {}
+    for label, counts in sets.items():
+        served = root / f"modes-{label}"
+        served.mkdir()
+        for method, count in counts.items():
+            for folder in folders[method][:count]:
+                shutil.copytree(folder, served / folder.name)
+        registry = AdapterRegistry("minilm-l6", served, max_loaded=0)
+        registry.start(eager=True)
+        assert registry.ready, registry.error
+        names = sorted(registry.entries)
+        modes = ("one", "method", "adapter") if len(counts) > 1 else ("one", "adapter")
+        for texts in (16, 64):
+            rows = [(names[i % len(names)], TEXTS[i % len(TEXTS)]) for i in range(texts)]
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            passes: dict[str, int] = {}
+            for round_ in range(rounds + 1):
+                for mode in modes:
+                    registry.mixing = mode
+                    before = registry.forward_passes
+                    started = time.perf_counter()
+                    results = registry.classify(rows)
+                    elapsed = time.perf_counter() - started
+                    assert all(isinstance(r, dict) for r in results), results[:2]
+                    passes[mode] = registry.forward_passes - before
+                    if round_:  # the first round is the warm-up
+                        times[mode].append(elapsed)
+            out[f"{label}_batch{texts}"] = {
+                "set": label, "methods": counts, "texts": texts, "rounds": rounds,
+                "ms": {mode: 1000 * statistics.median(times[mode]) for mode in modes}, "passes": passes}
+        del registry
+    return out
 
 
 def merged_vs_unmerged(folder: Path, repeats: int = 20) -> dict[str, Any]:
@@ -209,7 +286,6 @@ def merged_vs_unmerged(folder: Path, repeats: int = 20) -> dict[str, Any]:
 
     from peftlab.predict import load_predictor
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
     predictor = load_predictor(folder, device="cpu")
     out: dict[str, Any] = {}
     for label, model in (("unmerged", predictor.model), ("merged", None)):
@@ -228,8 +304,14 @@ def merged_vs_unmerged(folder: Path, repeats: int = 20) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--requests", type=int, default=900, help="timed requests per case, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the requests are split into")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per server and in this process (OMP_NUM_THREADS). 1: the cases are "
+                             "8 servers and 16 client threads on one machine; on 2 cores that other jobs also "
+                             "use, 2 threads made a forward pass 10x slower in wall time than 1 (threads waiting "
+                             "for each other at every parallel op)")
     parser.add_argument("--poisoning-only", action="store_true", help="run only the poisoning case")
     args = parser.parse_args()
 
@@ -240,15 +322,26 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="peftlab-serve-load-") as scratch:
         root = Path(scratch)
-        folders = make_adapters(resolve_model_path("minilm-l6"), root / "all", 16, 8)
+        base = resolve_model_path("minilm-l6")
         if args.poisoning_only:
-            print(json.dumps({"poisoning": poisoning(root, folders, args.requests, args.clients)}))
+            lora = make_adapters(base, root / "all", 16, 8)
+            print(json.dumps({"poisoning": poisoning(root, lora, args.requests, args.clients, threads=args.threads)}))
             return
-        forward = merged_vs_unmerged(folders[0])
-        cases = [case(root, folders, count, window, args.requests, args.clients)
-                 for count, window in ((1, 5.0), (4, 5.0), (16, 5.0), (16, 0.0))]
-        poisoned = poisoning(root, folders, args.requests, args.clients)
-    print(json.dumps({"cases": cases, "forward": forward, "poisoning": poisoned}))
+        needed = {m: max(c.get(m, 0) for c, _ in CASES.values()) for m in ("lora", "ia3", "prompt_tuning")}
+        needed = {m: max(n, 16) for m, n in needed.items()}  # 16 of each for the gathered-pass comparison
+        folders = {m: make_adapters(base, root / "all", n, 8, method=m) for m, n in needed.items()}
+        import torch
+
+        torch.set_num_threads(args.threads)
+        modes = mixing_modes(root, folders)
+        forward = merged_vs_unmerged(folders["lora"][0])
+        load_before = os.getloadavg()[0]  # the machine is shared: how busy it was is part of the result
+        measured = cases(root, folders, args.requests, args.rounds, args.clients, args.threads)
+        load_after = os.getloadavg()[0]
+        poisoned = poisoning(root, folders["lora"], args.requests // 3, args.clients, threads=args.threads)
+    print(json.dumps({"cases": measured, "modes": modes, "forward": forward, "poisoning": poisoned,
+                      "load_average": [load_before, load_after], "cpus": len(os.sched_getaffinity(0)),
+                      "threads": args.threads}))
 
 
 if __name__ == "__main__":

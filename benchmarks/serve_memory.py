@@ -41,24 +41,32 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
-    """Save ``count`` random LoRA adapters in peftlab's layout (adapter + tokenizer + peftlab.json)."""
+def make_adapters(base: Path, root: Path, count: int, rank: int, method: str = "lora",
+                  prefix: str | None = None) -> list[Path]:
+    """Save ``count`` random ``method`` adapters (lora r=``rank``, ia3 or prompt_tuning with 8 virtual tokens) in
+    peftlab's layout (adapter + tokenizer + peftlab.json); each its own random weights and classifier head."""
+    import copy
+
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = ["negative", "neutral", "positive"]
+    configs = {"lora": lambda: LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, init_lora_weights=False),
+               "ia3": lambda: IA3Config(task_type="SEQ_CLS"),
+               "prompt_tuning": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=8)}
     tokenizer = AutoTokenizer.from_pretrained(str(base))
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=len(labels))
     folders = []
     for index in range(count):
         torch.manual_seed(index)
-        model = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=len(labels))
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank,
-                                                 init_lora_weights=False))
-        folder = root / f"lora-{index:02d}"
+        model = copy.deepcopy(loaded)  # one load of the base for all: a fresh copy per adapter
+        torch.nn.init.normal_(model.classifier.weight, std=0.02)
+        model = get_peft_model(model, configs[method]())
+        folder = root / f"{prefix or method}-{index:02d}"
         model.save_pretrained(str(folder), safe_serialization=True)
         tokenizer.save_pretrained(str(folder))
-        meta = {"task": "classification", "method": "lora", "labels": labels, "base_model": str(base),
+        meta = {"task": "classification", "method": method, "labels": labels, "base_model": str(base),
                 "max_length": 128, "clean": "none", "is_adapter": True}
         (folder / "peftlab.json").write_text(json.dumps(meta), encoding="utf-8")
         folders.append(folder)

@@ -56,11 +56,6 @@ class AdapterEntry:
         """Adapters with the same key can live in one PeftModel."""
         return self.task, self.peft_type, self.use_dora, len(self.labels)
 
-    @property
-    def mixable(self) -> bool:
-        """Plain LoRA: rows of different adapters can share one forward pass (peft ``adapter_names``)."""
-        return self.peft_type == "LORA" and not self.use_dora
-
     def info(self) -> dict[str, Any]:
         """What ``GET /v1/adapters`` shows for this adapter."""
         return {"name": self.name, "method": self.method, "task": self.task, "labels": list(self.labels),

@@ -1,9 +1,11 @@
 """Classify and generate with the adapters of an :class:`~peftlab.serve.store.AdapterStore`.
 
-Inside a group of plain LoRA adapters, rows for different adapters share one forward pass (peft's
-``adapter_names``). Other methods (DoRA, IA3, LoHa, prompt learning, ...) run one forward pass per adapter after
-``set_adapter``: peft 0.21 silently *accepts* ``adapter_names`` for IA3 and prompt tuning and ignores it -- every
-row would get the active adapter's result.
+Rows for different adapters share forward passes (:mod:`~peftlab.serve.mixed`): rows of LoRA, IA3 and
+prompt-tuning adapters with as many classes run in one gathered pass, each with its own adapter's weights,
+virtual tokens and head, whichever PeftModel (group) the adapter lives in. Adapters it cannot gather run one
+pass per adapter, on that adapter's rows, in the same scheduling step (peft's own ``adapter_names`` where
+:mod:`peftlab.methods` says peft mixes the method). Classification and generation take the store's lock of
+their own task, so a long generation never holds up a classify batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Any, Sequence
 
 from peftlab.errors import AdapterError
+from peftlab.serve import mixed
 from peftlab.serve.discovery import AdapterEntry
 from peftlab.serve.errors import TextError, WrongTaskError
 from peftlab.serve.store import AdapterStore
@@ -21,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[str, Any] | Exception]:
-    """Classify ``(adapter, text)`` rows with ``store``'s adapters; rows of all adapters share forward passes
-    where peft allows.
+    """Classify ``(adapter, text)`` rows with ``store``'s adapters; rows of different adapters share forward
+    passes (see the module's docstring).
 
     Returns:
         Per row, a dict (adapter, label, score, probabilities) or the exception that row failed with: an
@@ -36,7 +39,7 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
     names = list(by_name)
     # More distinct adapters than may be held: take them in chunks, each fully loaded while it runs.
     step = store.max_loaded or len(names)
-    with store.lock:
+    with store.lock_for("classification"), store.classifying():
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
             runnable = []
@@ -48,23 +51,38 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
                 except AdapterError as exc:
                     for index in by_name[name]:
                         results[index] = exc
-            by_group: dict[tuple[str, str, bool, int], list[AdapterEntry]] = {}
+            # Adapters of every method with as many classes share passes (their PeftModels share the base).
+            by_heads: dict[int, list[AdapterEntry]] = {}
             for entry in runnable:
-                by_group.setdefault(entry.group_key, []).append(entry)
-            for entries in by_group.values():
-                group = store.group(entries[0])
-                if group.mixable:
-                    _run_rows(store, group.model, [i for e in entries for i in by_name[e.name]], rows, results,
-                              mixed=True)
-                    continue
-                for entry in entries:
-                    group.model.set_adapter(entry.peft_name)
-                    _run_rows(store, group.model, by_name[entry.name], rows, results, mixed=False)
+                by_heads.setdefault(len(entry.labels), []).append(entry)
+            for entries in by_heads.values():
+                models = {entry.peft_name: store.group(entry).model for entry in entries}
+                mixes = {id(models[e.peft_name]): _peft_mixes(e) for e in entries}
+                by_peft_name = {entry.peft_name: entry for entry in entries}
+                for step_pass in mixed.plan(models, peft_mixes=lambda m, mixes=mixes: mixes[id(m)], mode=store.mixing,
+                                            known=store.gatherable):
+                    indices = [i for peft_name in step_pass.adapters for i in by_name[by_peft_name[peft_name].name]]
+                    _run_rows(store, models, indices, rows, results, step_pass.how)
     return results  # type: ignore[return-value]
 
 
-def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequence[tuple[str, str]],
-              results: list[Any], mixed: bool) -> None:
+def _peft_mixes(entry: AdapterEntry) -> bool:
+    """Whether peft's own ``adapter_names`` gives each row its adapter's result for ``entry``'s method.
+
+    :data:`peftlab.methods.MIXED_BATCH` declares it per method where it exists; without it, plain LoRA (peft
+    0.21 refuses ``adapter_names`` with DoRA and silently ignores it for IA3 and prompt learning).
+    """
+    import peftlab.methods as methods
+
+    plain_lora = entry.peft_type == "LORA" and not entry.use_dora
+    declared = getattr(methods, "MIXED_BATCH", None)
+    if declared is None:
+        return plain_lora
+    return plain_lora and entry.method in {str(getattr(m, "value", m)) for m in declared}
+
+
+def _run_rows(store: AdapterStore, models: dict[str, Any], indices: list[int], rows: Sequence[tuple[str, str]],
+              results: list[Any], how: str) -> None:
     from peftlab.data import clean_text
 
     runnable = []
@@ -80,7 +98,7 @@ def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequenc
     for start in range(0, len(order), store.max_batch_rows):
         batch = order[start:start + store.max_batch_rows]
         try:
-            _forward(store, model, batch, rows, results, mixed)
+            _forward(store, models, batch, rows, results, how)
         except Exception as exc:  # one bad text must not fail its batch mates: each row again, alone
             if len(batch) == 1:
                 logger.warning("classifying one text failed: %s", exc, exc_info=True)
@@ -89,20 +107,20 @@ def _run_rows(store: AdapterStore, model: Any, indices: list[int], rows: Sequenc
                 continue
             logger.info("a shared forward pass of %d rows failed (%s); running each row alone", len(batch), exc)
             for index in batch:
-                _run_rows(store, model, [index], rows, results, mixed)
+                _run_rows(store, models, [index], rows, results, how)
 
 
-def _forward(store: AdapterStore, model: Any, batch: list[int], rows: Sequence[tuple[str, str]],
-             results: list[Any], mixed: bool) -> None:
+def _forward(store: AdapterStore, models: dict[str, Any], batch: list[int], rows: Sequence[tuple[str, str]],
+             results: list[Any], how: str) -> None:
     import torch
 
     from peftlab.evaluate import softmax
 
     inputs = _encode(store, [(store.entries[rows[i][0]], rows[i][1]) for i in batch])
-    kwargs = {"adapter_names": [store.entries[rows[i][0]].peft_name for i in batch]} if mixed else {}
     with torch.inference_mode():
-        logits = model(**inputs, **kwargs).logits
-    store.forward_passes += 1
+        logits = mixed.forward(models, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch],
+                               how).logits
+    store.count_passes(1)
     probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
     for index, row in zip(batch, probabilities):
         entry = store.entries[rows[index][0]]
@@ -141,12 +159,18 @@ def generate(store: AdapterStore, name: str, prompts: Sequence[str], max_new_tok
     if entry.task != "causal-lm":
         raise WrongTaskError(f"adapter {name!r} is not a causal LM adapter (task {entry.task}); use /v1/classify")
     store.require_ready()
-    with store.lock:
+    # The causal-LM lock: classify batches (the classification lock) run while this generates.
+    with store.lock_for("causal-lm"):
         store.ensure_loaded(entry, keep={name})
         model = store.group(entry).model
         model.set_adapter(entry.peft_name)
-        # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
-        texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
-                               max_new_tokens=max_new_tokens)
-        store.forward_passes += len(prompts)
+        # Each generated token is one forward pass of the base: before each, let a running classify call finish.
+        hook = model.get_base_model().register_forward_pre_hook(lambda module, args: store.yield_to_classify())
+        try:
+            # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
+            texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
+                                   max_new_tokens=max_new_tokens)
+        finally:
+            hook.remove()
+        store.count_passes(len(prompts))
     return texts

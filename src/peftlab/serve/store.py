@@ -8,17 +8,19 @@ adapters and heads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from peftlab import artifacts
-from peftlab.errors import AdapterError
+from peftlab.errors import AdapterError, ConfigError
 from peftlab.serve.discovery import AdapterEntry, check_adapter_name, discover_adapters
+from peftlab.serve.mixed import MODES
 from peftlab.serve.errors import (
     AdapterUnavailableError,
     InvalidAdapterError,
@@ -39,12 +41,11 @@ class AdapterGroup:
     """A PeftModel over a skeleton that shares the base weights; hosts adapters of one group key."""
 
     model: Any
-    mixable: bool
     members: list[str] = field(default_factory=list)  # registry names
 
 
 class AdapterStore:
-    """Registered adapters over one shared base model; thread-safe (one lock around every model use).
+    """Registered adapters over one shared base model; thread-safe (a lock per task around every model use).
 
     Args:
         base: base model alias or folder.
@@ -55,10 +56,19 @@ class AdapterStore:
         max_batch_rows: texts per forward pass.
         trust_remote_code: run the base model folder's own Python code (as ``model.trust_remote_code``).
         allow_pickle: accept pickle weights (``.bin``) for the base and adapters (as ``model.allow_pickle``).
+        mixing: how far rows of different LoRA, IA3 and prompt-tuning adapters share gathered forward passes
+            (:data:`peftlab.serve.mixed.MODES`): ``one`` pass for them all (the default, measured fastest), one per
+            ``method``, or one per ``adapter`` (no gathering; to measure what it is worth).
 
     Attributes:
-        lock: held around every use of a model (loading, unloading, inference).
-        forward_passes: forward passes run so far; inference counts them.
+        forward_passes: forward passes run so far; inference counts them (:meth:`count_passes`).
+
+    Each task (classification, causal-lm) has its own lock (:meth:`lock_for`), held around every use of that
+    task's models: loading, unloading, inference. Its groups and entries are that task's alone, so a
+    generation never holds up a classify batch; only an eviction across tasks needs the other lock, and takes
+    it only if it is free. On the shared cores a generation also steps aside at each token while a classify
+    call runs (:meth:`classifying`, :meth:`yield_to_classify`): a classify request waits for one token, not for
+    a generation.
 
     Raises:
         AdapterError: ``adapters_dir`` holds no adapter.
@@ -66,10 +76,14 @@ class AdapterStore:
 
     def __init__(self, base: str, adapters_dir: Path, *, max_loaded: int = 32, device: str | None = None,
                  dtype: str = "auto", max_batch_rows: int = 64, trust_remote_code: bool = False,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, mixing: str = "one") -> None:
         self.base = base
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
+        if mixing not in MODES:
+            raise ConfigError(f"mixing {mixing!r}: choose from {', '.join(MODES)}")
+        self.mixing = mixing
+        self.gatherable: dict[str, bool] = {}  # peft name -> can run gathered (serve.mixed.plan's cache)
         self.adapters_dir = adapters_dir
         self.max_loaded = max(0, int(max_loaded))
         self.max_batch_rows = max(1, int(max_batch_rows))
@@ -85,7 +99,10 @@ class AdapterStore:
         self.state = "starting"  # starting -> ready | failed
         self.error: str | None = None
         self.forward_passes = 0  # for tests and /health: proof that rows share passes
-        self.lock = threading.RLock()  # held around every model use, by inference too
+        self._locks = {task: threading.RLock() for task in ("classification", "causal-lm")}
+        self._count_lock = threading.Lock()
+        self._classifying = 0  # classify calls running; a generation waits for none before each token
+        self._classify_done = threading.Condition()
         self._groups: dict[tuple[str, str, bool, int], AdapterGroup] = {}
         self._shared: dict[str, Any] = {}
         self._config: Any = None
@@ -125,8 +142,8 @@ class AdapterStore:
                 logger.warning("--eager: loading the first %d of %d adapters (--max-loaded); the rest load on "
                                "first use", self.max_loaded, len(candidates))
                 candidates = candidates[:self.max_loaded]
-            with self.lock:
-                for entry in candidates:
+            for entry in candidates:
+                with self.lock_for(entry.task):
                     try:
                         self.ensure_loaded(entry, keep={entry.name})
                     except AdapterError:
@@ -166,6 +183,35 @@ class AdapterStore:
         self._shared = dict(chain(model.named_parameters(remove_duplicate=False),
                                   model.named_buffers(remove_duplicate=False)))
         logger.info("base model %s loaded in %.1f s", folder, time.perf_counter() - started)
+
+    # -- locks and counts
+
+    def lock_for(self, task: str) -> Any:
+        """The lock held around every use of ``task``'s models (classification or causal-lm)."""
+        return self._locks.get(task, self._locks["classification"])
+
+    @contextlib.contextmanager
+    def classifying(self) -> Iterator[None]:
+        """Mark a classify call as running (generations yield to it at their next token, :meth:`yield_to_classify`)."""
+        with self._classify_done:
+            self._classifying += 1
+        try:
+            yield
+        finally:
+            with self._classify_done:
+                self._classifying -= 1
+                self._classify_done.notify_all()
+
+    def yield_to_classify(self, timeout_s: float = 1.0) -> None:
+        """Wait (at most ``timeout_s``) until no classify call runs: a generation calls it before each token, so a
+        classify batch gets the cores to itself, and generation still moves on under constant classify traffic."""
+        with self._classify_done:
+            self._classify_done.wait_for(lambda: self._classifying == 0, timeout=timeout_s)
+
+    def count_passes(self, count: int) -> None:
+        """Add ``count`` forward passes to :attr:`forward_passes` (from either task's thread)."""
+        with self._count_lock:
+            self.forward_passes += count
 
     # -- lookup and status
 
@@ -236,7 +282,7 @@ class AdapterStore:
         """
         entry = self.entry(name)
         self.require_ready()
-        with self.lock:
+        with self.lock_for(entry.task):
             if not entry.loaded:
                 if not entry.broken:
                     entry.error = None  # an explicit load retries an adapter that failed before
@@ -247,13 +293,14 @@ class AdapterStore:
         """Drop adapter ``name`` from memory (it stays registered and loads again on use)."""
         entry = self.entry(name)
         self.require_ready()
-        with self.lock:
+        with self.lock_for(entry.task):
             if entry.loaded:
                 self._unload(entry)
             return entry.info()
 
     def ensure_loaded(self, entry: AdapterEntry, keep: set[str]) -> None:
-        """Load ``entry`` unless it is loaded (evicting the least recently used but ``keep``); call with :attr:`lock`.
+        """Load ``entry`` unless it is loaded (evicting the least recently used but ``keep``); call holding
+        ``lock_for(entry.task)``.
 
         Raises:
             InvalidAdapterError: its files are unusable (kept on the entry: it is not retried on use).
@@ -265,7 +312,7 @@ class AdapterStore:
         if entry.error is not None:
             kind = AdapterUnavailableError if entry.out_of_memory else InvalidAdapterError
             raise kind(f"adapter {entry.name!r} failed to load: {entry.error}")
-        self._evict(keep | {entry.name})
+        self._evict(keep | {entry.name}, entry.task)
         try:
             self._check_files(entry)
             self._load_into_group(entry)
@@ -303,7 +350,7 @@ class AdapterStore:
             config.inference_mode = True
             model = get_peft_model(self._skeleton(entry.task, len(entry.labels)), config,
                                    adapter_name=entry.peft_name)
-            group = AdapterGroup(model=model, mixable=entry.mixable)
+            group = AdapterGroup(model=model)
         try:
             _check_load_result(entry, group.model.load_adapter(folder, adapter_name=entry.peft_name),
                                group.model.peft_config[entry.peft_name].is_prompt_learning)
@@ -317,17 +364,28 @@ class AdapterStore:
         group.model.eval()
         group.members.append(entry.name)
 
-    def _evict(self, keep: set[str]) -> None:
+    def _evict(self, keep: set[str], task: str) -> None:
+        """Unload least recently used adapters (not in ``keep``) until there is room; the caller holds ``task``'s
+        lock. An adapter of the other task is unloaded only if that task's lock is free: waiting for it (a long
+        generation) is what this lock split avoids, and two tasks each waiting for the other would deadlock."""
         if not self.max_loaded:
             return
         while self._loaded_count() >= self.max_loaded:
             victims = sorted((e for e in self.entries.values() if e.loaded and e.name not in keep),
                              key=lambda e: e.last_used)
-            if not victims:
+            for victim in victims:
+                lock = self.lock_for(victim.task)
+                if not lock.acquire(blocking=victim.task == task):
+                    continue
+                try:
+                    logger.info("unloading adapter %s (least recently used; --max-loaded %d)", victim.name,
+                                self.max_loaded)
+                    self._unload(victim)
+                finally:
+                    lock.release()
+                break
+            else:  # everything else is in use: load over the limit rather than fail the request
                 return
-            logger.info("unloading adapter %s (least recently used; --max-loaded %d)", victims[0].name,
-                        self.max_loaded)
-            self._unload(victims[0])
 
     def _unload(self, entry: AdapterEntry) -> None:
         group = self._groups[entry.group_key]
@@ -340,6 +398,7 @@ class AdapterStore:
                 model.set_adapter(self.entries[group.members[0]].peft_name)  # peft warns if the active one goes
             model.delete_adapter(entry.peft_name)
         entry.loaded = False
+        self.gatherable.pop(entry.peft_name, None)
 
     def _skeleton(self, task: str, num_labels: int) -> Any:
         """A model of ``task``'s class whose parameters are the loaded base's tensors (no copy)."""
@@ -367,7 +426,7 @@ class AdapterStore:
                 set_module_tensor_to_device(model, name, self._device, value=shared)
             else:
                 missing.append(name)
-        model.tie_weights()  # a causal LM's output layer may be the (now shared) input embeddings
+        _tie(model)  # a causal LM's output layer may be the (now shared) input embeddings
         current = dict(chain(model.named_parameters(remove_duplicate=False),
                              model.named_buffers(remove_duplicate=False)))
         for name in missing:
@@ -382,6 +441,22 @@ class AdapterStore:
                 raise AdapterError(f"the base model was loaded for another task and has no weight {name} for a "
                                    f"{task} model; serve {task} adapters from a separate server")
         return model.eval()
+
+
+def _tie(model: Any) -> None:
+    """Tie ``model``'s tied weights (a causal LM's output layer to its input embeddings) by hand.
+
+    Not ``model.tie_weights()``: while any thread is inside transformers' ``from_pretrained`` (a predictor or
+    another model loading in this process), ``PreTrainedModel.tie_weights`` is globally a no-op
+    (``transformers.initialization.no_tie_weights``), and the skeleton would keep a meta output layer.
+    """
+    tied = getattr(model, "get_expanded_tied_weights_keys", None)
+    if tied is None:  # an older transformers: its own method
+        model.tie_weights()
+        return
+    for target, source in tied(all_submodels=True).items():
+        parent_name, _, name = target.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, name, model.get_parameter(source))
 
 
 def _check_load_result(entry: AdapterEntry, result: Any, prompt_learning: bool) -> None:
