@@ -63,17 +63,26 @@ def cuda_state() -> tuple[bool, str]:
 
 
 class Clock:
-    def __init__(self, total_s: float) -> None:
+    def __init__(self, total_s: float, step_s: float) -> None:
         self.end = time.monotonic() + total_s
+        self.step_s = step_s  # the most one training step may take
 
     def left(self) -> float:
         return self.end - time.monotonic()
 
 
-def peftlab(args: list[str], limit_s: float, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = [*(launcher or [sys.executable]), "-m", "peftlab.cli", "-q", *args]
+def execute(command: list[str], limit_s: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in the repository; a step past its time limit fails (exit code 124), it does not hang."""
     say("$ " + " ".join(command))
-    return subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, limit_s), cwd=REPO)
+    limit_s = max(1.0, limit_s)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=limit_s, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 124, "", f"timed out after {limit_s:.0f} s")
+
+
+def peftlab(args: list[str], limit_s: float, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    return execute([*(launcher or [sys.executable]), "-m", "peftlab.cli", "-q", *args], limit_s)
 
 
 def runs_of(out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -91,7 +100,7 @@ def train_step(scratch: Path, rows: int, gpus: int, clock: Clock) -> dict[str, A
         out = scratch / f"train-{alias}"
         done = peftlab(["run", config, "--methods", "full,lora", "--output", str(out), "--workers", str(workers),
                         "--set", f"data.max_train_samples={rows}", "--set", "training.epochs=1"],
-                       min(240, clock.left() - 30))
+                       min(clock.step_s, clock.left() - 30))
         if done.returncode != 0:
             found[alias] = {"failed": (done.stderr or done.stdout)[-1500:]}
             continue
@@ -113,7 +122,7 @@ def ddp_step(scratch: Path, rows: int, gpus: int, clock: Clock, single: dict[str
     out = scratch / "ddp"
     done = peftlab(["run", "configs/default.yaml", "--methods", "lora", "--output", str(out),
                     "--set", f"data.max_train_samples={rows}", "--set", "training.epochs=1"],
-                   min(240, clock.left() - 30),
+                   min(clock.step_s, clock.left() - 30),
                    launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              str(gpus)])
     if done.returncode != 0:
@@ -131,9 +140,8 @@ def ddp_step(scratch: Path, rows: int, gpus: int, clock: Clock, single: dict[str
 def serve_step(requests: int, clock: Clock) -> dict[str, Any]:
     if clock.left() < 60:
         return {"skipped": "the 10-minute budget was spent"}
-    command = [sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--requests", str(requests)]
-    say("$ " + " ".join(command))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, clock.left() - 10), cwd=REPO)
+    done = execute([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--requests", str(requests)],
+                   clock.left() - 10)
     if done.returncode != 0:
         return {"failed": (done.stderr or done.stdout)[-1500:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -141,6 +149,10 @@ def serve_step(requests: int, clock: Clock) -> dict[str, Any]:
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.replace("|", "/").split())[-300:]
 
 
 def _mib(value: float | None) -> str:
@@ -164,7 +176,7 @@ def render(found: dict[str, Any], smoke: bool) -> str:
     for alias, _ in ENCODERS:
         entry = train.get(alias, {})
         if "runs" not in entry:
-            lines.append(f"| {alias} | - | {entry.get('skipped') or 'failed: ' + entry.get('failed', '?')[-200:]} "
+            lines.append(f"| {alias} | - | {_cell(entry.get('skipped') or 'failed: ' + entry.get('failed', '?'))} "
                          f"| | | |")
             continue
         runs = entry["runs"]
@@ -186,7 +198,7 @@ def render(found: dict[str, Any], smoke: bool) -> str:
                   f"{ddp.get('single_eval_loss') or float('nan'):.4f} on one GPU (the global batch is "
                   f"{ddp['world_size']}x larger, so it differs a little, but is not multiplied by the world size)."]
     else:
-        lines.append(f"Not measured: {ddp.get('skipped') or 'failed: ' + ddp.get('failed', '?')[-300:]}.")
+        lines.append(f"Not measured: {_cell(ddp.get('skipped') or 'failed: ' + ddp.get('failed', '?'))}.")
     lines += ["", "## Serving", ""]
     serve = found["serve"]
     if "cases" in serve:
@@ -198,7 +210,7 @@ def render(found: dict[str, Any], smoke: bool) -> str:
         lines += ["", f"- 16 adapters against 1: {_ratio(by.get((16, 5.0)), by.get((1, 5.0)))} the requests/s.",
                   f"- 16 adapters, batching window 5 ms against 0 ms: {_ratio(by.get((16, 5.0)), by.get((16, 0.0)))}."]
     else:
-        lines.append(f"Not measured: {serve.get('skipped') or 'failed: ' + serve.get('failed', '?')[-300:]}.")
+        lines.append(f"Not measured: {_cell(serve.get('skipped') or 'failed: ' + serve.get('failed', '?'))}.")
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +220,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300, help="timed requests per serving case")
     parser.add_argument("--doc", type=Path, default=DOC, help="where the markdown goes")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU to check this script (not GPU numbers)")
+    parser.add_argument("--budget", type=float, default=TOTAL_S, help="seconds for the whole check")
+    parser.add_argument("--step-limit", type=float, default=240, help="seconds one training step may take")
     args = parser.parse_args()
 
     usable, why = cuda_state()
@@ -220,7 +234,7 @@ def main() -> int:
 
     gpus = torch.cuda.device_count() if usable else 0
     started = time.monotonic()
-    clock = Clock(TOTAL_S)
+    clock = Clock(args.budget, args.step_limit)
     found: dict[str, Any] = {"device": why if usable else "CPU (smoke run)", "rows": args.rows,
                              "date": datetime.date.today().isoformat(),
                              "bf16": bool(usable and torch.cuda.is_bf16_supported())}

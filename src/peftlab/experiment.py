@@ -30,7 +30,7 @@ from typing import Any
 from peftlab import fsutil, rundir
 from peftlab.config import ExperimentConfig, dump_config
 from peftlab.dist import is_main_process, world_size
-from peftlab.errors import ConfigError, RunDirError
+from peftlab.errors import ConfigError, PeftlabError, RunDirError
 from peftlab.results import ExperimentResult, RunResult
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,8 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
     _check_workers(config, workers)
     run_dir = rundir.check_target(run_dir)
-    # Fail fast, before loading anything; checked again once the lock is held.
-    joining = not (overwrite or resume) and bool(rundir.claim_holders(run_dir, claim_timeout_s))
+    # Fail fast, before loading anything; decided again once the lock is held.
+    joining = not (overwrite or resume) and rundir.in_progress(run_dir, claim_timeout_s)
     rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume, join=joining)
     if overwrite:
         rundir.refuse_if_claimed(run_dir, claim_timeout_s)
@@ -117,7 +117,8 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
                                 runs=runs, environment=env)
     with contextlib.ExitStack() as claims:
         with _setup_lock(run_dir, held=lock_held, takeover=resume or overwrite, timeout_s=claim_timeout_s):
-            start_run_dir(run_dir, config, env, data, overwrite=overwrite, resume=resume, timeout_s=claim_timeout_s)
+            joined = start_run_dir(run_dir, config, env, data, overwrite=overwrite, resume=resume,
+                                   timeout_s=claim_timeout_s)
             # Claimed before anything is decided from the folder's content: whatever was finished by the time
             # the claim is held is final (its trainer held the claim until it had written it).
             claims.enter_context(rundir.claim(run_dir, [m.run_name for m in selected], takeover=resume or overwrite,
@@ -125,14 +126,17 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
             jobs, kept = _plan(config, selected, run_dir, resume)
             used = _cap_workers(workers, len(jobs))
             env.update(workers=used, threads_per_run=_threads_per_run(config, used))
-            fsutil.write_json(run_dir / rundir.ENVIRONMENT, env)
+            if not joined:  # the run's environment is its creator's (or the resuming run's)
+                fsutil.write_json(run_dir / rundir.ENVIRONMENT, env)
         render_data_report_console(data.report)
         for label in kept:
             logger.info("%s: finished in an earlier run; kept", label)
         _run_jobs(config, jobs, run_dir, folder, tokenizer, data, resume, workers=used)
         with _setup_lock(run_dir, held=lock_held, takeover=False, timeout_s=claim_timeout_s):
             rundir.check_intact(run_dir)
-            experiment = collect(run_dir, config, env, dataclasses.asdict(data.report), timeout_s=claim_timeout_s,
+            # The run's environment is the one on disk: a joining invocation's may differ (its --workers, say).
+            experiment = collect(run_dir, config, _read_json(run_dir / rundir.ENVIRONMENT) or env,
+                                 dataclasses.asdict(data.report), timeout_s=claim_timeout_s,
                                  mine={m.run_name for m in selected})
             from peftlab.report import write_report
 
@@ -183,12 +187,15 @@ def _threads_per_run(config: ExperimentConfig, workers: int) -> int:
 
 
 def start_run_dir(run_dir: Path, config: ExperimentConfig, env: dict[str, Any], data: Any, *, overwrite: bool,
-                  resume: bool, timeout_s: float = rundir.CLAIM_TIMEOUT_S) -> None:
+                  resume: bool, timeout_s: float = rundir.CLAIM_TIMEOUT_S) -> bool:
     """Create (or replace, or reopen, or join) the run directory and write what describes the run: config,
     environment, data report. The caller holds the run directory's lock.
 
     Joining: another process is training methods of this run directory right now (it holds claims) with the
     same config; this one adds its methods without ``--resume`` and leaves the files as they are.
+
+    Returns:
+        True when it joined (nothing was written).
     """
     joining = not (overwrite or resume) and bool(rundir.claim_holders(run_dir, timeout_s))
     rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume, join=joining)  # again, now that it is held
@@ -198,11 +205,12 @@ def start_run_dir(run_dir: Path, config: ExperimentConfig, env: dict[str, Any], 
     if joining and (run_dir / rundir.CONFIG).is_file():
         _check_same_config(run_dir, config, joining=True, timeout_s=timeout_s)
         rundir.check_intact(run_dir)
-        return
+        return True
     rundir.create(run_dir, overwrite=overwrite)
     fsutil.write_text(run_dir / rundir.CONFIG, dump_config(config))
     fsutil.write_json(run_dir / rundir.ENVIRONMENT, env)
     fsutil.write_json(run_dir / rundir.DATA_REPORT, dataclasses.asdict(data.report))
+    return False
 
 
 def load_inputs(config: ExperimentConfig) -> tuple[Path, Any, Any]:
@@ -437,14 +445,16 @@ def collect_run_dir(run_dir: Path, timeout_s: float = rundir.CLAIM_TIMEOUT_S) ->
         raise RunDirError(f"{path} is damaged or not a peftlab config ({str(exc)[:300]}); the run directory cannot be "
                           f"merged. Rerun `peftlab run ... --resume` to rewrite it") from None
 
-    def read(name: str) -> dict[str, Any]:
-        try:
-            value = json.loads((run_dir / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
+    return collect(run_dir, config, _read_json(run_dir / rundir.ENVIRONMENT), _read_json(run_dir / rundir.DATA_REPORT),
+                   timeout_s=timeout_s)
 
-    return collect(run_dir, config, read(rundir.ENVIRONMENT), read(rundir.DATA_REPORT), timeout_s=timeout_s)
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def report_run_dir(run_dir: Path, timeout_s: float = rundir.CLAIM_TIMEOUT_S) -> ExperimentResult:
@@ -453,6 +463,9 @@ def report_run_dir(run_dir: Path, timeout_s: float = rundir.CLAIM_TIMEOUT_S) -> 
 
     with rundir.hold(run_dir, takeover=True, scope=rundir.SETUP, wait_s=rundir.SETUP_WAIT_S, timeout_s=timeout_s):
         experiment = collect_run_dir(run_dir, timeout_s)
+        if not experiment.runs:  # (a tuning directory has a config but no method results: its report is its own)
+            raise PeftlabError(f"{run_dir}: no method has a result yet, nothing to report "
+                               f"({'; '.join(experiment.missing)})")
         write_report(experiment, run_dir)
     return experiment
 

@@ -267,6 +267,15 @@ def hold(run_dir: Path, *, takeover: bool, scope: str = RUN, wait_s: float = 0.0
         _release(path, me)
 
 
+def in_progress(run_dir: Path, timeout_s: float | None = CLAIM_TIMEOUT_S) -> bool:
+    """Another process is writing ``run_dir`` now: it holds a method claim, or it is setting the directory up."""
+    if claim_holders(run_dir, timeout_s):
+        return True
+    path = lock_path(run_dir)
+    holder = _read_holder(path)
+    return holder is not None and holder.scope == SETUP and not _is_stale(holder, path, timeout_s)
+
+
 def claim_holders(run_dir: Path, timeout_s: float | None = CLAIM_TIMEOUT_S) -> dict[str, LockHolder]:
     """The live claims on ``run_dir``'s methods: method file stem -> holder (stale ones left out)."""
     folder = claims_dir(run_dir)

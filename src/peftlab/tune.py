@@ -527,7 +527,8 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
         seed = config.tune.seed if config.tune.seed is not None else config.training.seed
         startup = config.tune.startup_trials or max(1, min(10, config.tune.trials // 3))
         result = StudyResult(
-            name=config.name or name or tune_dir.name, metric=metric, budget=config.tune.trials, storage=spec.shown,
+            name=config.name or name or tune_dir.name, metric=inputs.metric, budget=config.tune.trials,
+            storage=spec.shown,
             sampler=f"TPE (seed {seed}, {startup} random start-up trial(s), sampler reseeded per trial number)",
             pruner=_describe_pruner(config, pruner), methods=studies, tuned_config=TUNED, environment=env)
         write_study_report(result, tune_dir)

@@ -225,6 +225,27 @@ def test_a_killed_worker_costs_only_its_run_and_resume_redoes_only_it(tmp_path: 
     assert not rundir.claims_dir(out).exists() and not rundir.lock_path(out).exists()
 
 
+def test_tune_workers_share_one_budget(tmp_path: Path, tiny_bert: Path, reviews_csv: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from peftlab import tune as tune_module
+
+    config = load_config(data={"data": {"path": str(reviews_csv), "max_length": 32}, "model": {"path": str(tiny_bert)},
+                               "methods": [{"method": "lora", "learning_rate": 1e-2}],
+                               "training": {"epochs": 1, "batch_size": 16, "method_process": False},
+                               "tune": {"trials": 2}})
+    with caplog.at_level("WARNING"):
+        study = tune_module.tune(config, tmp_path / "t", workers=3)
+    assert "--workers 3 is more than the 2 trial(s) per method; using 2" in caplog.text
+    assert [t.state for t in study.methods[0].trials] == ["COMPLETE", "COMPLETE"]  # the budget, not 2 per worker
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t" / "study.journal")))
+    trials = optuna.load_study(study_name=study.methods[0].study_name, storage=storage).get_trials()
+    assert all(t.user_attrs["worker"]["pid"] != os.getpid() for t in trials)  # run by the worker processes
+    assert (tmp_path / "t" / "tuned.yaml").is_file() and (tmp_path / "t" / "worker-0.log").is_file()
+
+
 # --------------------------------------------------------------------------- the GPU check
 
 
