@@ -27,6 +27,10 @@ app.add_typer(models_app, name="models")
 logger = logging.getLogger("peftlab")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/default.yaml.")]
+WorkersOpt = Annotated[int, typer.Option(help="Train up to N method/seed runs at once, each in its own process: one "
+                                              "GPU (or group of GPUs) each, or cores/N CPU threads each.")]
+ClaimTimeoutOpt = Annotated[float, typer.Option(help="Seconds after which a method claim or run lock that its holder "
+                                                     "stopped refreshing counts as stale (taken over by --resume).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set training.epochs=1 (repeatable).")]
 
 
@@ -65,13 +69,20 @@ def run(
                                                              "+1, ...; the report gives mean ± std (sets training.seeds).")] = None,
     tune: Annotated[bool, typer.Option("--tune", help="First tune every method (tune: section) on the validation split in RUN_DIR-tune, then run the tuned config.")] = False,
     storage: Annotated[Optional[str], typer.Option(help="With --tune: Optuna storage URL (journal:PATH, sqlite:///PATH.db, a database URL); default a journal file in RUN_DIR-tune.")] = None,
+    workers: WorkersOpt = 1,
+    claim_timeout: ClaimTimeoutOpt = 600.0,
 ) -> None:
-    """Train and evaluate every method in CONFIG, then write the report."""
+    """Train and evaluate every method in CONFIG, then write the report.
+
+    Several `peftlab run CONFIG --methods X` processes may share one --output (one machine, or several over a
+    shared filesystem): each claims its methods, and each report merges what has finished (docs/scaling.md).
+    """
     from peftlab.config import load_config
     from peftlab.experiment import default_run_dir, run_experiment
     from peftlab.report import render_results_console
 
     selected = _method_list(methods)
+    _check_workers_flag(workers)
     if storage is not None and not tune:
         raise typer.BadParameter("--storage is for --tune (or `peftlab tune`)", param_hint="--storage")
     cfg = load_config(config, set_)
@@ -84,19 +95,27 @@ def run(
         from peftlab.tune import tune_and_run
 
         study, experiment = tune_and_run(cfg, run_dir, methods=selected, storage=storage, overwrite=overwrite,
-                                         resume=resume, name=cfg.name or config.stem)
+                                         resume=resume, name=cfg.name or config.stem, workers=workers)
         render_study_console(study)
     else:
-        experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
+        experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected,
+                                    workers=workers, claim_timeout_s=claim_timeout)
     render_results_console(experiment)
     typer.echo(f"report: {run_dir / 'report.html'} (also report.md, results.csv, results.json)")
-    failed = [r for r in experiment.runs if r.status != "ok"]
+    # This invocation's runs decide its exit code; the report also holds other invocations' methods.
+    failed = [r for r in experiment.runs if r.status != "ok" and (selected is None or r.name in selected)]
     if failed:
         for r in failed:
             typer.secho(f"error: {r.name} failed: {r.error}", err=True, fg=typer.colors.RED)
         rest = "the others' results are in the report" if len(failed) < len(experiment.runs) else "none finished"
         typer.secho(f"{len(failed)} of {len(experiment.runs)} method(s) failed; {rest}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
+
+
+def _check_workers_flag(workers: int) -> None:
+    if workers < 1:
+        raise typer.BadParameter(f"must be 1 or more (how many runs train at once), got {workers}",
+                                 param_hint="--workers")
 
 
 def _method_list(methods: str | None) -> list[str] | None:
@@ -117,6 +136,7 @@ def tune_command(
     trials: Annotated[Optional[int], typer.Option(help="Trials per method, the same for every method (sets tune.trials).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers: journal:PATH, sqlite:///PATH.db or a database URL (default: a journal file in the tune directory).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the studies of an existing tune directory; finished trials count toward the budget.")] = False,
+    workers: WorkersOpt = 1,
 ) -> None:
     """Tune each method of CONFIG on the validation split (an Optuna study per method, one budget); write tuned.yaml."""
     from peftlab.config import load_config
@@ -124,10 +144,12 @@ def tune_command(
     from peftlab.tune import TUNED, default_tune_dir, tune
 
     selected = _method_list(methods)
+    _check_workers_flag(workers)
     overrides = [*(set_ or []), *([f"tune.trials={trials}"] if trials is not None else [])]
     cfg = load_config(config, overrides)
     tune_dir = output or default_tune_dir(cfg, config)
-    study = tune(cfg, tune_dir, methods=selected, storage=storage, resume=resume, name=cfg.name or config.stem)
+    study = tune(cfg, tune_dir, methods=selected, storage=storage, resume=resume, name=cfg.name or config.stem,
+                 workers=workers)
     render_study_console(study)
     typer.echo(f"tuned config: {tune_dir / TUNED} (run it: peftlab run {tune_dir / TUNED}); "
                f"report: {tune_dir / 'report.html'}")
@@ -155,11 +177,22 @@ def data_check(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json.")]) -> None:
-    """Re-render report.md/html, results.csv and plots from a run's saved results."""
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (results.json, or config.yaml and method results).")]) -> None:
+    """Re-render report.md/html, results.csv and plots from a run's saved results.
+
+    In a run directory (config.yaml) it merges every method that has finished, whichever process trained it, and
+    says which are missing.
+    """
     from peftlab.report import render_results_console, write_report
     from peftlab.results import ExperimentResult
 
+    if (run_dir / "config.yaml").is_file():
+        from peftlab.experiment import report_run_dir
+
+        experiment = report_run_dir(run_dir)
+        render_results_console(experiment)
+        typer.echo(f"report: {run_dir / 'report.html'}")
+        return
     results = run_dir / "results.json"
     if not results.is_file():
         raise PeftlabError(f"{results} not found: {run_dir} is not a finished peftlab run")

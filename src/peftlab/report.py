@@ -147,6 +147,18 @@ def results_rows(experiment: ExperimentResult) -> list[dict[str, Any]]:
 
 def summary_sentences(experiment: ExperimentResult) -> list[str]:
     """Data-driven comparisons of each method against the reference (full fine-tuning by default)."""
+    return _comparison_sentences(experiment) + missing_sentences(experiment)
+
+
+def missing_sentences(experiment: ExperimentResult) -> list[str]:
+    """Which runs of the config this report lacks (another process trains them, or nobody ran them yet)."""
+    if not experiment.missing:
+        return []
+    return [f"Not in this report yet: {'; '.join(experiment.missing)}. `peftlab report RUN_DIR` merges them once "
+            f"they finish."]
+
+
+def _comparison_sentences(experiment: ExperimentResult) -> list[str]:
     runs = _ok(experiment.runs)
     if not runs:
         return ["No method finished; see the errors in the table."]

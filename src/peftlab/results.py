@@ -122,6 +122,8 @@ class ExperimentResult:
     generation_settings: dict[str, Any] = field(default_factory=dict)
     # Intervals and verdicts recomputed from the saved predictions by each report (see peftlab.stats).
     statistics: dict[str, Any] = field(default_factory=dict)
+    # Runs of the config with no result in the run directory yet: "<label> (being trained by ...)" / "(not run)".
+    missing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

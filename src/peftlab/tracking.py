@@ -79,14 +79,19 @@ def environment(report_to: list[str], run_dir: Path, name: str, experiment: str)
         name: the tracking run's name (:func:`run_name`).
         experiment: the MLflow experiment (unless ``MLFLOW_EXPERIMENT_NAME`` is set): the experiment's name.
     """
+    with _environ(variables(report_to, run_dir, name, experiment)):
+        yield
+
+
+def variables(report_to: list[str], run_dir: Path, name: str, experiment: str) -> dict[str, str]:
+    """The environment that points the Trainer's tracking callbacks at this run (for a child process's own env)."""
     values: dict[str, str] = {}
     if "tensorboard" in report_to:
         values["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir(run_dir.resolve(), name))
     if "mlflow" in report_to:
         values.update(_mlflow_store(run_dir))
         values["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
-    with _environ(values):
-        yield
+    return values
 
 
 def _mlflow_store(run_dir: Path) -> dict[str, str]:
