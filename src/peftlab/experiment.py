@@ -141,6 +141,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
             from peftlab.report import write_report
 
             write_report(experiment, run_dir)
+            tracking.log_report(config.training.report_to, run_dir, experiment.runs)
     return experiment
 
 
@@ -484,7 +485,6 @@ def report_run_dir(run_dir: Path, timeout_s: float = rundir.CLAIM_TIMEOUT_S) -> 
             raise PeftlabError(f"{run_dir}: no method has a result yet, nothing to report "
                                f"({'; '.join(experiment.missing)})")
         write_report(experiment, run_dir)
-        tracking.log_report(config.training.report_to, run_dir, runs)
     return experiment
 
 
