@@ -294,7 +294,7 @@ class AdaLoraConfig(_LoraLike):
     r: int = Field(8, gt=0, description="Average target rank after pruning.")
     tinit_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps before pruning starts.")
     tfinal_fraction: float = Field(0.2, ge=0, lt=1, description="Share of final steps with fixed ranks.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2.4e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class Ia3Config(_MethodBase):

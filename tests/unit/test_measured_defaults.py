@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -41,10 +40,9 @@ def test_a_tuned_default_is_the_recorded_studys_choice(method: str) -> None:
 def _provisional_source(method: MethodName) -> str:
     spec = METHODS[method]
     for function in (spec.build, spec.prepare):
-        doc = inspect.getdoc(function) or ""
-        match = re.search(r"Default learning rate[^.]*(?:\.[^ \n][^.]*)*\.", doc.replace("\n", " "))
-        if match:
-            return match.group(0)
+        for paragraph in (inspect.getdoc(function) or "").split("\n\n"):
+            if paragraph.startswith("Default learning rate"):
+                return " ".join(paragraph.split())
     return "peftlab's first-round default, not measured yet."
 
 
