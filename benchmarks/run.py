@@ -5,14 +5,17 @@ Scenarios (each training run is its own process, so its peak memory is its own):
            peftlab's defaults, one default switched on at a time; then quality at the default experiment's scale
   lora     LoRA against full fine-tuning on the multilingual encoder (embeddings ~80% of the weights) and
            on the small English encoder
-  methods  every method on one task: quality against cost (Pareto table and plot)
+  methods  every method of configs/all_methods.yaml tuned within one trial budget, then compared on the test split:
+           intervals, paired verdicts against full, the majority-class floor, quality against cost
+  tune_cost  the tuner's wall time per method as a multiple of one untuned run, pruning on and off
   serve    requests/s and p50/p95 latency of `peftlab serve` with 1, 4, 16 and 64 adapters, LoRA alone and mixed
            with IA3 and prompt tuning; gathered passes against one per adapter; memory per adapter against one
            model per task; merged against unmerged forward passes
   fast     the measured effect of each fast-path default (inference_mode, longest-first batches, fused AdamW,
            thread count, gradient checkpointing)
 
-Usage: python benchmarks/run.py [--only recipe,lora,methods,serve,fast] [--train-samples N] [--render-only]
+Usage: python benchmarks/run.py [--only recipe,lora,methods,tune_cost,serve,fast] [--train-samples N] [--render-only]
+       [--methods full,lora]   (scenario methods: only these; the others' saved results are kept)
 Results: benchmarks/results/<scenario>.json and docs/benchmarks.md (+ PNG plot in docs/); on a CUDA machine
 benchmarks/results/cuda/<scenario>.json and docs/benchmarks_cuda.md, so CPU results are kept.
 """
@@ -140,33 +143,132 @@ def scenario_lora(train_samples: int) -> dict[str, Any]:
 
 
 # Quality is an axis of this scenario, so it trains long enough to leave the majority class behind: at 480 rows and
-# one epoch (30 steps) most methods still predicted one class (macro F1 ~0.20). 2,000 rows x 2 epochs is 250 steps.
-METHODS_TRAIN_SAMPLES, METHODS_EPOCHS = 2000, 2
+# one epoch (30 steps) most methods still predicted one class (macro F1 ~0.20). configs/all_methods.yaml trains on
+# 2,000 rows for 2 epochs (250 steps) and tunes every method with the same trial budget first.
+METHODS_CONFIG = REPO / "configs" / "all_methods.yaml"
+METHODS_WORK = REPO / "runs" / "bench-methods"
 
 
-def scenario_methods(train_samples: int) -> dict[str, Any]:
-    from peftlab.config import METHOD_CONFIGS
+def majority_f1(predictions_file: Path) -> float:
+    """Macro F1 of predicting the most frequent class for every test row (the floor a method must clear)."""
+    from peftlab.results import load_predictions
+    from peftlab.stats import majority_metrics
 
-    del train_samples  # see METHODS_TRAIN_SAMPLES
-    config = REPO / "configs" / "default.yaml"
-    overrides = [f"data.max_train_samples={METHODS_TRAIN_SAMPLES}", "data.max_eval_samples=500",
-                 f"training.epochs={METHODS_EPOCHS}"]
-    methods = list(METHOD_CONFIGS)
+    return majority_metrics(load_predictions(predictions_file))["f1_macro"]
+
+
+def tuned_method(method: str) -> dict[str, Any]:
+    """Tune one method of configs/all_methods.yaml (its own study, the config's trial budget), then run it.
+
+    Kept in runs/bench-methods/<method> (and <method>-tune): a method already done there is read back, so
+    methods can be added to the scenario one at a time under the same budget.
+    """
+    out = METHODS_WORK / method
+    tune_dir = METHODS_WORK / f"{method}-tune"
+    wall = None
+    if not ((out / method / "result.json").exists() and (tune_dir / "study.json").exists()):
+        command = [PYTHON, "-m", "peftlab.cli", "-q", "run", str(METHODS_CONFIG), "--tune", "--methods", method,
+                   "--output", str(out), "--overwrite"]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0 and not (out / method / "result.json").exists():
+            raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
+        (tune_dir / "bench_wall_s.txt").write_text(f"{wall}\n")
+    elif (tune_dir / "bench_wall_s.txt").exists():
+        wall = float((tune_dir / "bench_wall_s.txt").read_text())
+    run = json.loads((out / method / "result.json").read_text())
+    study = next(m for m in json.loads((tune_dir / "study.json").read_text())["methods"] if m["name"] == method)
+    states = [t["state"] for t in study["trials"]]
+    run["study"] = {"trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+                    "best_trial": study["best_trial"], "best_validation": study["best_value"],
+                    "chosen": study["chosen"], "defaults_won": study["best_trial"] == 0,
+                    "validation": [t["value"] for t in study["trials"]],
+                    "learning_rates": [t["params"].get("learning_rate") for t in study["trials"]]}
+    run["tune_and_run_wall_s"] = wall
+    if run.get("predictions_file"):
+        run["majority_f1"] = majority_f1(out / run["predictions_file"])
+    return run
+
+
+def methods_statistics(runs: dict[str, dict[str, Any]], reference: str) -> dict[str, Any] | None:
+    """Bootstrap intervals and paired verdicts against ``reference`` from every method's saved test predictions.
+
+    All methods ran on the same split of the same config, so their predictions are on the same test rows.
+    """
+    from peftlab.results import load_predictions
+    from peftlab.stats import experiment_statistics
+
+    saved = []
+    for name, run in runs.items():
+        path = METHODS_WORK / name / (run.get("predictions_file") or "-")
+        if run.get("status") == "ok" and path.is_file():
+            saved.append((name, run.get("seed"), load_predictions(path)))
+    if not saved:
+        return None
+    return experiment_statistics(saved, reference if reference in runs else None, samples=1000, seed=0).to_dict()
+
+
+def scenario_methods(train_samples: int, only: list[str] | None = None) -> dict[str, Any]:
+    import yaml
+
+    from peftlab.config import load_config
+
+    del train_samples  # the config's scale (see METHODS_CONFIG)
+    config = load_config(METHODS_CONFIG)
+    names = [m.run_name for m in config.methods]
+    previous = {}
+    if only and (RESULTS / "methods.json").exists():
+        previous = json.loads((RESULTS / "methods.json").read_text()).get("runs", {})
     runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "all.yaml"
-        import yaml
-
-        tree = yaml.safe_load(config.read_text())
-        # full, lora and prompt_tuning as configs/default.yaml sets them; the others with their defaults
-        configured = {item["method"]: item for item in tree["methods"]}
-        tree["methods"] = [configured.get(m, m) for m in methods]
-        tree["data"]["path"] = "shipped:vader-movie-snippets"
-        base.write_text(yaml.safe_dump(tree, allow_unicode=True))
-        for method in methods:
-            runs[method] = peftlab_method(base, method, Path(tmp) / method, overrides)
-    return {"settings": {"model": "minilm-l6", "train_samples": METHODS_TRAIN_SAMPLES, "epochs": METHODS_EPOCHS},
+    for name in names:
+        if only and name not in only and "study" in previous.get(name, {}):
+            runs[name] = previous[name]  # tuned earlier under the same budget
+        elif not only or name in only:
+            runs[name] = tuned_method(name)
+    tree = yaml.safe_load(METHODS_CONFIG.read_text())
+    stats = methods_statistics(runs, config.report.reference or "full")
+    return {"stats": stats, "not_run": [n for n in names if n not in runs],
+            "settings": {"config": "configs/all_methods.yaml", "model": tree["model"]["path"],
+                         "train_samples": tree["data"]["max_train_samples"],
+                         "eval_samples": tree["data"]["max_eval_samples"], "epochs": tree["training"]["epochs"],
+                         "trials": config.tune.trials, "pruner": config.tune.pruner,
+                         "metric": config.training.metric_for_best_model},
             "runs": runs}
+
+
+def scenario_tune_cost(train_samples: int) -> dict[str, Any]:
+    """The tuner's wall time per method as a multiple of one untuned run, pruning on and off (tune_cost.py)."""
+    del train_samples  # tune_cost.py's own scale (1,000 rows, 2 epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tune_cost.json"
+        done = subprocess.run([PYTHON, str(REPO / "benchmarks" / "tune_cost.py"), "--trials", "4",
+                               "--output", str(out)], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        if done.returncode != 0:
+            raise RuntimeError(f"tune_cost.py failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def render_tune_cost(r: dict[str, Any]) -> list[str]:
+    lines = ["## 3b. What tuning costs", "",
+             f"`benchmarks/tune_cost.py`: `configs/default.yaml` at {r['train_rows']:,} training rows, "
+             f"{r['eval_rows']} validation rows, {r['epochs']:g} epochs; {r['trials_per_method']} trials per method, "
+             "a fresh study each time, the same seed. The unit is one untuned run of the method (train, validate "
+             "each epoch, test).", "",
+             "| method | untuned run | untuned validation F1 | pruning off: time | best validation F1 | "
+             "pruning on: time | best validation F1 | trials pruned |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in r["methods"].items():
+        off, on = row["pruning_off"], row["pruning_on"]
+        lines.append(f"| {name} | {row['untuned_s']:.0f} s | {row['untuned_validation']:.3f} | "
+                     f"{_times(off['multiple_of_untuned'])} | {off['best_validation']:.3f} | "
+                     f"{_times(on['multiple_of_untuned'])} | {on['best_validation']:.3f} | "
+                     f"{on['pruned']} of {on['trials']} |")
+    lines += ["", "A study of N trials costs about N untuned runs without pruning; the median pruner stops trials "
+              "that are behind the median of earlier trials after an epoch, so it saves time only once a few trials "
+              "have finished (`tune.prune_after_trials`).", ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- scenarios 4 and fast
@@ -273,45 +375,107 @@ def render_lora(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _lr(value: Any) -> str:
+    return f"{value:.1e}" if isinstance(value, float) else "-"
+
+
+def _chosen_options(chosen: dict[str, Any]) -> str:
+    rest = {k: v for k, v in chosen.items() if k != "learning_rate"}
+    return ", ".join(f"{k}={'/'.join(v) if isinstance(v, list) else 'default' if v is None else v}"
+                     for k, v in rest.items()) or "-"
+
+
 def render_methods(results: dict[str, Any]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["runs"]
+    runs = {name: run for name, run in results["runs"].items() if run.get("status", "ok") == "ok"}
+    failed = {name: run for name, run in results["runs"].items() if run.get("status", "ok") != "ok"}
     settings = results["settings"]
+    stats = {m["name"]: m for m in (results.get("stats") or {}).get("methods", [])}
     epochs = settings["epochs"]
-    lines = [f"## 3. Every method on one task (minilm-l6, VADER, {settings['train_samples']} rows, "
-             f"{epochs} epoch{'s' if epochs != 1 else ''})", "",
-             "full, lora and prompt_tuning as `configs/default.yaml` sets them, the other methods with their "
-             "defaults (`peftlab methods`); the default experiment's training settings; validation and test "
-             "splits capped at 500 rows.", "",
-             "| method | trainable | step time | peak RSS | disk | test macro F1 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"## 3. Every method on one task, each tuned within the same budget", "",
+             f"`{settings['config']}`: {settings['model']} on the shipped VADER movie snippets (3 classes), "
+             f"{settings['train_samples']:,} training rows, {epochs} epoch{'s' if epochs != 1 else ''}, validation "
+             f"and test splits of up to {settings['eval_samples']} rows. Each method is tuned first "
+             f"(`peftlab run configs/all_methods.yaml --tune`): an Optuna study of **{settings['trials']} trials per "
+             f"method, the same for every method** (trial 0 is the config's own settings, then TPE), "
+             f"{settings['pruner']} pruning, on validation {settings['metric']} only; the test split is read once, "
+             "by the final run with the chosen settings. Intervals are 95% bootstrap intervals over the test rows "
+             "(1,000 resamples); the difference from full is paired (the same resampled rows for both).", "",
+             "| method | chosen learning rate | other chosen settings | trials (pruned) | best validation F1 | "
+             "test macro F1 [95% CI] | minus full [95% CI] | verdict | over majority class |",
+             "|---|---:|---|---:|---:|---:|---:|---|---:|"]
     for name, run in runs.items():
-        lines.append(f"| {name} | {run['trainable_params']:,} | {run['step_time_s']:.3f} s | "
-                     f"{run['peak_rss_bytes'] / GiB:.2f} GiB | {run['model_size_bytes'] / MiB:.2f} MB | "
-                     f"{run['test_metrics']['f1_macro']:.4f} |")
+        study, m = run.get("study", {}), stats.get(name)
+        ci = (f"{m['metrics']['f1_macro']['estimate']:.3f} [{m['metrics']['f1_macro']['low']:.3f}, "
+              f"{m['metrics']['f1_macro']['high']:.3f}]" if m else f"{run['test_metrics']['f1_macro']:.3f}")
+        comparison = (m or {}).get("comparisons", {}).get("f1_macro")
+        diff = (f"{comparison['difference']['estimate']:+.3f} [{comparison['difference']['low']:+.3f}, "
+                f"{comparison['difference']['high']:+.3f}]" if comparison else "reference" if name == "full" else "-")
+        verdict = f"{comparison['verdict']} {comparison['reference']}" if comparison else "-"
+        floor = run.get("majority_f1")
+        over = f"{run['test_metrics']['f1_macro'] - floor:+.3f}" if floor is not None else "-"
+        lines.append(f"| {name} | {_lr(study.get('chosen', {}).get('learning_rate'))} | "
+                     f"{_chosen_options(study.get('chosen', {}))} | {study.get('trials', '-')} "
+                     f"({study.get('pruned', 0)}) | {study.get('best_validation') or 0:.3f} | {ci} | {diff} | "
+                     f"{verdict} | {over} |")
+    for name, run in failed.items():
+        lines.append(f"| {name} | failed: {run.get('error')} | | | | | | | |")
+    floors = [r["majority_f1"] for r in runs.values() if r.get("majority_f1") is not None]
+    if floors:
+        floor = floors[0]
+        short = [n for n, r in runs.items() if r["test_metrics"]["f1_macro"] < floor + 0.15]
+        lines += ["", f"The majority class alone scores macro F1 {floor:.3f} on this test split. "
+                  + (f"Every method clears it by at least 0.15." if not short else
+                     f"{', '.join(short)} stay{'s' if len(short) == 1 else ''} within 0.15 of it; "
+                     "their studies (validation F1 per trial, learning rate tried): "
+                     + "; ".join(f"{n}: " + ", ".join(f"{v:.3f} at {_lr(lr)}" if v is not None else f"pruned/failed at {_lr(lr)}"
+                                                   for v, lr in zip(runs[n].get('study', {}).get('validation', []),
+                                                                    runs[n].get('study', {}).get('learning_rates', [])))
+                                 for n in short) + ".")]
+    if results.get("not_run"):
+        lines += ["", f"Not run under this budget yet ({len(results['not_run'])} of the config's methods): "
+                  f"{', '.join(results['not_run'])}. Run them with `python benchmarks/run.py --only methods --methods "
+                  "NAME,...`; the methods above are kept."]
+    defaults = [n for n, r in runs.items() if r.get("study", {}).get("defaults_won")]
+    if defaults:
+        lines += ["", f"The configured settings (trial 0) stayed best for: {', '.join(defaults)}."]
+    lines += ["", "| method | trainable | % of the base | peak RSS | disk |", "|---|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | {run['trainable_params']:,} | "
+                     f"{100 * run['trainable_params'] / run['total_params']:.3f}% | "
+                     f"{run['peak_rss_bytes'] / GiB:.2f} GiB | {run['model_size_bytes'] / MiB:.2f} MB |")
+    lines += ["", "Time is left out of this section: these runs shared the machine with other work, so their step "
+              "times are not comparable. Section 2 measures LoRA's time against full fine-tuning on a quiet machine."]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
-        f1 = run["test_metrics"]["f1_macro"]
-        for ax, x in zip(axes, (run["step_time_s"], run["model_size_bytes"] / MiB)):
-            ax.scatter(x, f1)
+        m = stats.get(name)
+        f1 = m["metrics"]["f1_macro"]["estimate"] if m else run["test_metrics"]["f1_macro"]
+        err = ([[f1 - m["metrics"]["f1_macro"]["low"]], [m["metrics"]["f1_macro"]["high"] - f1]] if m else None)
+        for ax, x in zip(axes, (run["trainable_params"], run["model_size_bytes"] / MiB)):
+            ax.errorbar([x], [f1], yerr=err, fmt="o", capsize=3)
             ax.annotate(name, (x, f1), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    axes[0].set_xlabel("seconds per optimizer step")
+    axes[0].set_xlabel("trainable parameters (log scale)")
     axes[1].set_xlabel("saved model / adapter (MB, log scale)")
-    axes[1].set_xscale("log")
     for ax in axes:
-        ax.set_ylabel("test macro F1")
-    fig.suptitle("Quality against cost (up and left is better)")
+        ax.set_xscale("log")
+        ax.set_ylabel("test macro F1 (95% CI)")
+    if floors:
+        for ax in axes:
+            ax.axhline(floors[0], color="grey", linestyle=":", linewidth=1)
+            ax.text(ax.get_xlim()[0], floors[0], " majority class", fontsize=7, va="bottom", color="grey")
+    fig.suptitle("Quality against cost, every method tuned within the same budget (up and left is better)")
     fig.tight_layout()
     fig.savefig(DOCS / "benchmarks_methods.png", dpi=110)
     plt.close(fig)
     f1 = {name: run["test_metrics"]["f1_macro"] for name, run in runs.items()}
-    for cost, label in (("step_time_s", "step time"), ("model_size_bytes", "size on disk")):
+    for cost, label in (("trainable_params", "trainable parameters"), ("model_size_bytes", "size on disk")):
         front = pareto_front({name: run[cost] for name, run in runs.items()}, f1)
-        lines += ["", f"Pareto front for quality against {label} (no other method is both cheaper and better): "
-                  f"{', '.join(front)}."]
+        lines += ["", f"Pareto front for quality against {label} (no other method is both cheaper and better, on "
+                  f"point estimates): {', '.join(front)}."]
     lines += ["", "![quality against cost](benchmarks_methods.png)", ""]
     return lines
 
@@ -335,7 +499,66 @@ def _mix_baseline(cases: dict[str, dict[str, Any]], methods: dict[str, int]) -> 
     return 1.0 / sum(share / case["requests_per_s"] for share, case in singles)  # type: ignore[index]
 
 
+def render_serve_before_gathering(results: dict[str, Any]) -> list[str]:
+    load, memory = results["load"], results["memory"]
+    cases = load["cases"]
+    lines = ["## 4. Serving many adapters on one base model", "",
+             "**Stale:** measured before the server's gathered mixed pass (LoRA, IA3 and prompt tuning rows in one "
+             "batched pass); re-run with `python benchmarks/run.py --only serve`.", "",
+             f"`peftlab serve --eager` on minilm-l6 with random LoRA adapters (r={memory['rank']}, query/value); "
+             f"{cases[0]['clients']} client threads on the same machine send {cases[0]['requests']} one-text "
+             "`/v1/classify` requests, request i to adapter i mod k (`benchmarks/serve_load.py`).", "",
+             "| adapters | batching window | requests/s | p50 latency | p95 latency | requests per forward pass | "
+             "server RSS |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        lines.append(f"| {c['adapters']} | {c['batch_window_ms']:g} ms | {c['requests_per_s']:.0f} | "
+                     f"{c['p50_ms']:.0f} ms | {c['p95_ms']:.0f} ms | {c['requests'] / max(1, c['forward_passes']):.1f} "
+                     f"| {c['server_rss_bytes'] / MiB:.0f} MiB |")
+    one = cases[0]
+    sixteen = next(c for c in cases if c["adapters"] == 16 and c["batch_window_ms"] > 0)
+    lines += ["", f"Mixed traffic over 16 adapters is served at {sixteen['requests_per_s'] / one['requests_per_s']:.2f}x "
+              "the requests/s of a single adapter, still in one forward pass per batch: rows of different LoRA "
+              "adapters share it (peft's `adapter_names`), and inside it each LoRA layer and classifier head runs "
+              "once per adapter present, on that adapter's rows, which is what the mix costs.", ""]
+    shared = {row["count"]: row for row in memory["shared"]}
+    naive = {row["count"]: row for row in memory["naive"]}
+    lines += ["Resident memory (`benchmarks/serve_memory.py`, a fresh process per row): one base with N adapters "
+              "against N independent models, one per task (what serving a merged model per task costs). The first "
+              "of each includes one-time costs (buffers, lazily imported code), so the per-task cost is the growth "
+              "from 1 to N, divided by N - 1.", "",
+              "| tasks (N) | one base + N adapters: growth over the base | each further adapter | N models: growth | "
+              "each further model |", "|---:|---:|---:|---:|---:|"]
+
+    def growth(row: dict[str, Any], start: str) -> float:
+        return (row["loaded"] - row[start]) / MiB
+
+    for count in sorted(set(shared) | set(naive)):
+        cells = []
+        for rows, start, digits in ((shared, "base", 2), (naive, "before", 1)):
+            if count in rows:
+                total = growth(rows[count], start)
+                further = ((total - growth(rows[1], start)) / (count - 1)) if count > 1 and 1 in rows else None
+                cells += [f"{total:.1f} MiB", f"{further:.{digits}f} MiB" if further is not None else "-"]
+            else:
+                cells += ["-", "-"]
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    f = load["forward"]
+    lines += ["", "One forward pass of the same adapter merged into the weights (`peftlab export --merge`) against "
+              "left as LoRA, in one process:", "", "| texts | LoRA (unmerged) | merged | merged / unmerged |",
+              "|---:|---:|---:|---:|"]
+    for size in (1, 32):
+        u, m = f[f"unmerged_batch{size}_ms"], f[f"merged_batch{size}_ms"]
+        lines.append(f"| {size} | {u:.1f} ms | {m:.1f} ms | {m / u:.2f}x |")
+    speedup = f["unmerged_batch1_ms"] / f["merged_batch1_ms"]
+    lines += ["", f"Merging saves LoRA's two small matrix products per adapted layer ({speedup:.2f}x faster for one "
+              "text here), but a merged model serves one task, and each further task then costs a whole model of "
+              "memory instead of an adapter's.", ""]
+    return lines
+
+
 def render_serve(results: dict[str, Any]) -> list[str]:
+    if "case" not in results["load"]["cases"][0]:  # results from before the gathered mixed pass
+        return render_serve_before_gathering(results)
     load, memory = results["load"], results["memory"]
     cases = {c["case"]: c for c in load["cases"]}
     first = load["cases"][0]
@@ -517,8 +740,7 @@ def render(results: dict[str, Any]) -> str:
              "Generated by `make bench` (`benchmarks/run.py`; one scenario: `--only serve`; re-render from saved "
              "results: `--render-only`). Raw results with the machine, library versions and settings are in "
              "`benchmarks/results/<scenario>.json`. Ratios are the headline; absolute times are context for this "
-             "machine. Each training run is its own process, so its peak RSS is its own. Nothing else ran on the "
-             "machine during the run.", "",
+             "machine. Each training run is its own process, so its peak RSS is its own.", "",
              f"Machine: {json.dumps({k: v for k, v in machine_info.items() if k != 'date'})}", "",
              f"Measured: {measured}.", ""]
     if "recipe" in results:
@@ -527,6 +749,8 @@ def render(results: dict[str, Any]) -> str:
         lines += render_lora(results["lora"])
     if "methods" in results:
         lines += render_methods(results["methods"])
+    if "tune_cost" in results:
+        lines += render_tune_cost(results["tune_cost"])
     if "serve" in results:
         lines += render_serve(results["serve"])
     if "fast" in results:
@@ -541,8 +765,8 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = {"recipe": scenario_recipe, "lora": scenario_lora, "methods": scenario_methods, "serve": scenario_serve,
-             "fast": scenario_fast}
+SCENARIOS = {"recipe": scenario_recipe, "lora": scenario_lora, "methods": scenario_methods,
+             "tune_cost": scenario_tune_cost, "serve": scenario_serve, "fast": scenario_fast}
 
 
 def main() -> None:
@@ -550,6 +774,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {', '.join(SCENARIOS)}")
     parser.add_argument("--train-samples", type=int, default=480)
     parser.add_argument("--render-only", action="store_true", help="rebuild docs/benchmarks.md from saved results")
+    parser.add_argument("--methods", help="scenario methods: run only these (comma-separated), keep the others' "
+                        "saved results")
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
     on_gpu = results["machine"]["cuda"] is not None
@@ -564,7 +790,10 @@ def main() -> None:
     for name in [] if args.render_only else args.only.split(","):
         started = time.time()
         print(f"== {name}", flush=True)
-        results[name] = scenarios[name](args.train_samples)
+        if name == "methods" and args.methods:
+            results[name] = scenario_methods(args.train_samples, args.methods.split(","))
+        else:
+            results[name] = scenarios[name](args.train_samples)
         results[name]["machine"] = results["machine"]
         (results_dir / f"{name}.json").write_text(json.dumps(results[name], indent=2, ensure_ascii=False))
         print(f"   {time.time() - started:.0f} s", flush=True)

@@ -23,7 +23,7 @@ import fnmatch
 import json
 import logging
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 from peftlab import fsutil
 from peftlab.errors import AdapterError, ModelError
@@ -76,14 +76,14 @@ def new_metadata(*, task: str, method: str, name: str, labels: list[str], base_m
                  split_sizes: dict[str, int] | None = None) -> Metadata:
     """The metadata of a folder peftlab trains: every field of :class:`Metadata` but the export ones."""
     import peftlab
-    from peftlab.config import MethodName
+    from peftlab.config import WHOLE_MODEL_METHODS
     from peftlab.models import hub_id_of
 
     return Metadata(peftlab_version=peftlab.__version__, task=task, method=method, name=name, labels=list(labels),
                     base_model=str(base_model), base_model_name=base_model_name,
                     base_model_id=hub_id_of(base_model_name, base_model), data_source=data_source,
                     split_sizes=dict(split_sizes or {}), max_length=max_length, clean=clean,
-                    trust_remote_code=trust_remote_code, is_adapter=method != MethodName.FULL.value,
+                    trust_remote_code=trust_remote_code, is_adapter=method not in WHOLE_MODEL_METHODS,
                     base_fingerprint=base_fingerprint(json.loads((base_model / MODEL_CONFIG_FILE).read_text("utf-8"))))
 
 
@@ -295,7 +295,7 @@ def _saved_adapter_keys(folder: Path) -> set[str] | None:
 
 
 def save_folder(target: Path, model: Any, tokenizer: Any, metadata: Metadata | dict[str, Any],
-                result: RunResult | None = None) -> Path:
+                result: RunResult | None = None, save_weights: Callable[[Any, Path], None] | None = None) -> Path:
     """Save ``model`` (full model or PeftModel), its tokenizer, ``peftlab.json`` and its model card to ``target``.
 
     One rename puts the folder in place: a crash leaves the old folder (or none), never a half-written one.
@@ -308,9 +308,14 @@ def save_folder(target: Path, model: Any, tokenizer: Any, metadata: Metadata | d
         tokenizer: the tokenizer it was trained with.
         metadata: from :func:`new_metadata` (or an export's copy of it).
         result: the method's measurements so far (test metrics, costs) for the model card; None for none.
+        save_weights: ``(model, folder) -> None`` writing the weights and their config (training passes
+            ``methods.save_weights``, which converts PiSSA/OLoRA adapters); default ``model.save_pretrained``.
     """
     with fsutil.atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if save_weights is not None:
+            save_weights(model, tmp)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if is_adapter(tmp):
             _record_base_id(tmp, metadata.get("base_model_id"))

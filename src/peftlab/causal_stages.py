@@ -108,7 +108,7 @@ def _evaluate_loss(config: Any, base: Any, model: Any, splits: dict[str, Any]) -
     """Mean loss of ``model`` on each split, computed by a Trainer set up as ``train_method`` sets up its own."""
     from transformers import Trainer
 
-    from peftlab.train import causal_lm_collator, training_arguments
+    from peftlab.train import causal_lm_collator, quiet_trainer, training_arguments
 
     losses = {}
     with tempfile.TemporaryDirectory(prefix="peftlab-base-") as scratch:
@@ -119,6 +119,7 @@ def _evaluate_loss(config: Any, base: Any, model: Any, splits: dict[str, Any]) -
         # passed to evaluate() explicitly below.
         trainer = Trainer(model=model, args=args, eval_dataset=next(iter(splits.values())),
                           data_collator=causal_lm_collator(base.tokenizer), processing_class=base.tokenizer)
+        quiet_trainer(trainer)
         for name, dataset in splits.items():
             metrics = trainer.evaluate(dataset, metric_key_prefix=name)
             losses[name] = float(metrics[f"{name}_loss"])

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -27,6 +27,10 @@ app.add_typer(models_app, name="models")
 logger = logging.getLogger("peftlab")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/default.yaml.")]
+WorkersOpt = Annotated[int, typer.Option(help="Train up to N method/seed runs at once, each in its own process: one "
+                                              "GPU (or group of GPUs) each, or cores/N CPU threads each.")]
+ClaimTimeoutOpt = Annotated[float, typer.Option(help="Seconds after which a method claim or run lock that its holder "
+                                                     "stopped refreshing counts as stale (taken over by --resume).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set training.epochs=1 (repeatable).")]
 
 
@@ -39,20 +43,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, with the Trainer's dict logs and the libraries' own logs and bars.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
 ) -> None:
     """peftlab: one config, every method trained on the same data and split, one report."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("peftlab").setLevel(level)
-    for noisy in ("peft", "accelerate", "datasets", "httpx", "filelock", "optuna"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    if not verbose:
-        # transformers logs a table for every new classification head, which peftlab creates on purpose.
-        import transformers
+    from peftlab.console import quiet_third_party
 
-        transformers.utils.logging.set_verbosity_error()
+    quiet_third_party(verbose)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models are local folders
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -69,13 +69,20 @@ def run(
                                                              "+1, ...; the report gives mean ± std (sets training.seeds).")] = None,
     tune: Annotated[bool, typer.Option("--tune", help="First tune every method (tune: section) on the validation split in RUN_DIR-tune, then run the tuned config.")] = False,
     storage: Annotated[Optional[str], typer.Option(help="With --tune: Optuna storage URL (journal:PATH, sqlite:///PATH.db, a database URL); default a journal file in RUN_DIR-tune.")] = None,
+    workers: WorkersOpt = 1,
+    claim_timeout: ClaimTimeoutOpt = 600.0,
 ) -> None:
-    """Train and evaluate every method in CONFIG, then write the report."""
+    """Train and evaluate every method in CONFIG, then write the report.
+
+    Several `peftlab run CONFIG --methods X` processes may share one --output (one machine, or several over a
+    shared filesystem): each claims its methods, and each report merges what has finished (docs/scaling.md).
+    """
     from peftlab.config import load_config
     from peftlab.experiment import default_run_dir, run_experiment
     from peftlab.report import render_results_console
 
     selected = _method_list(methods)
+    _check_workers_flag(workers)
     if storage is not None and not tune:
         raise typer.BadParameter("--storage is for --tune (or `peftlab tune`)", param_hint="--storage")
     cfg = load_config(config, set_)
@@ -88,19 +95,27 @@ def run(
         from peftlab.tune import tune_and_run
 
         study, experiment = tune_and_run(cfg, run_dir, methods=selected, storage=storage, overwrite=overwrite,
-                                         resume=resume, name=cfg.name or config.stem)
+                                         resume=resume, name=cfg.name or config.stem, workers=workers)
         render_study_console(study)
     else:
-        experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected)
+        experiment = run_experiment(cfg, run_dir, overwrite=overwrite, resume=resume, methods=selected,
+                                    workers=workers, claim_timeout_s=claim_timeout)
     render_results_console(experiment)
     typer.echo(f"report: {run_dir / 'report.html'} (also report.md, results.csv, results.json)")
-    failed = [r for r in experiment.runs if r.status != "ok"]
+    # This invocation's runs decide its exit code; the report also holds other invocations' methods.
+    failed = [r for r in experiment.runs if r.status != "ok" and (selected is None or r.name in selected)]
     if failed:
         for r in failed:
             typer.secho(f"error: {r.name} failed: {r.error}", err=True, fg=typer.colors.RED)
         rest = "the others' results are in the report" if len(failed) < len(experiment.runs) else "none finished"
         typer.secho(f"{len(failed)} of {len(experiment.runs)} method(s) failed; {rest}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
+
+
+def _check_workers_flag(workers: int) -> None:
+    if workers < 1:
+        raise typer.BadParameter(f"must be 1 or more (how many runs train at once), got {workers}",
+                                 param_hint="--workers")
 
 
 def _method_list(methods: str | None) -> list[str] | None:
@@ -121,6 +136,7 @@ def tune_command(
     trials: Annotated[Optional[int], typer.Option(help="Trials per method, the same for every method (sets tune.trials).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL shared by workers: journal:PATH, sqlite:///PATH.db or a database URL (default: a journal file in the tune directory).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the studies of an existing tune directory; finished trials count toward the budget.")] = False,
+    workers: WorkersOpt = 1,
 ) -> None:
     """Tune each method of CONFIG on the validation split (an Optuna study per method, one budget); write tuned.yaml."""
     from peftlab.config import load_config
@@ -128,10 +144,12 @@ def tune_command(
     from peftlab.tune import TUNED, default_tune_dir, tune
 
     selected = _method_list(methods)
+    _check_workers_flag(workers)
     overrides = [*(set_ or []), *([f"tune.trials={trials}"] if trials is not None else [])]
     cfg = load_config(config, overrides)
     tune_dir = output or default_tune_dir(cfg, config)
-    study = tune(cfg, tune_dir, methods=selected, storage=storage, resume=resume, name=cfg.name or config.stem)
+    study = tune(cfg, tune_dir, methods=selected, storage=storage, resume=resume, name=cfg.name or config.stem,
+                 workers=workers)
     render_study_console(study)
     typer.echo(f"tuned config: {tune_dir / TUNED} (run it: peftlab run {tune_dir / TUNED}); "
                f"report: {tune_dir / 'report.html'}")
@@ -159,11 +177,22 @@ def data_check(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json.")]) -> None:
-    """Re-render report.md/html, results.csv and plots from a run's saved results."""
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (results.json, or config.yaml and method results).")]) -> None:
+    """Re-render report.md/html, results.csv and plots from a run's saved results.
+
+    In a run directory (config.yaml) it merges every method that has finished, whichever process trained it, and
+    says which are missing.
+    """
     from peftlab.report import render_results_console, write_report
     from peftlab.results import ExperimentResult
 
+    if (run_dir / "config.yaml").is_file():
+        from peftlab.experiment import report_run_dir
+
+        experiment = report_run_dir(run_dir)
+        render_results_console(experiment)
+        typer.echo(f"report: {run_dir / 'report.html'}")
+        return
     results = run_dir / "results.json"
     if not results.is_file():
         raise PeftlabError(f"{results} not found: {run_dir} is not a finished peftlab run")
@@ -178,20 +207,70 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with re
 
 
 @app.command("methods")
-def list_methods() -> None:
-    """List the selectable methods with their key options and defaults."""
+def list_methods(
+    name: Annotated[Optional[str], typer.Argument(help="A method: show its options, defaults and search space.")] = None,
+) -> None:
+    """List the selectable methods and what each can do; `peftlab methods NAME` shows one method's options."""
     from rich.console import Console
     from rich.table import Table
 
+    from peftlab.errors import ConfigError
     from peftlab.methods import describe_methods
 
-    table = Table(title="peftlab methods")
-    for column in ("method", "what it trains", "options (defaults)", "merge"):
+    rows = {row["method"]: row for row in describe_methods()}
+    console = Console(width=100)
+    if name is not None:
+        if name not in rows:
+            raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(rows)}")
+        _show_method(console, rows[name])
+        return
+    table = Table(title=f"peftlab methods ({len(rows) - 1} named, and peft: any tuner by name)")
+    for column in ("method", "what it trains", "options", "lr", "merge", "mixed"):
         table.add_column(column, overflow="fold")
-    for row in describe_methods():
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items())
-        table.add_row(row["method"], row["description"], options, "yes" if row["mergeable"] else "no")
-    Console(width=160).print(table)
+    for row in rows.values():
+        merge = "yes" if row["mergeable"] else "no" if row["adapter"] else "-"
+        mixed = "yes" if row["mixed_batch"] else "no" if row["adapter"] else "-"
+        lr = row["options"].get("learning_rate")
+        lr_text = "-" if not isinstance(lr, float) else f"{lr:.1e}" + ("*" if row["default_source"].startswith("tuned") else "")
+        options = ", ".join(o for o in row["options"] if o != "learning_rate")
+        table.add_row(row["method"], row["description"], options, lr_text, merge, mixed)
+    console.print(table)
+    console.print("merge: `peftlab export --merge` folds the adapter into its base. mixed: rows of several such "
+                  "adapters share one forward pass in `peftlab serve`. -: a whole model, not an adapter. "
+                  "lr: the default learning rate; *: chosen by a recorded tune (docs/benchmarks.md section 3), "
+                  "the others provisional (docs/methods.md). `peftlab methods NAME`: options, defaults and search "
+                  "space.")
+
+
+def _show_method(console: Any, row: dict[str, Any]) -> None:
+    """One method: its capabilities, each option with its default and description, what `peftlab tune` searches."""
+    from rich.table import Table
+
+    from peftlab.config import MethodName
+    from peftlab.methods import SEARCH_SPACES
+    from peftlab.methods.space import LogFloat
+
+    console.print(f"[bold]{row['method']}[/bold]: {row['description']}")
+    if row["adapter"]:
+        console.print(f"saved as an adapter; mergeable: {'yes' if row['mergeable'] else 'no'}; mixed batches in "
+                      f"the server: {'yes' if row['mixed_batch'] else 'no'}")
+    else:
+        console.print("saved as a whole model folder (plain transformers loads it)")
+    table = Table(show_header=True)
+    for column in ("option", "default", "description"):
+        table.add_column(column, overflow="fold")
+    for option, default in row["options"].items():
+        table.add_row(option, str(default), row["option_help"][option])
+    console.print(table)
+    console.print(f"default learning rate: {row['default_source']}")
+    searched = [f"{p.name} {p.low:g}..{p.high:g} (log)" if isinstance(p, LogFloat) else
+                f"{p.name} in {', '.join(map(str, p.choices))}" for p in SEARCH_SPACES[MethodName(row["method"])]]
+    console.print(f"`peftlab tune` searches: {'; '.join(searched)}")
+    if row["method"] == "peft":
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        types = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        console.print(f"peft_type is one of: {', '.join(types)}")
 
 
 @models_app.command("list")
@@ -254,8 +333,10 @@ def predict(
         raise FilesystemError(f"--output {output} is a folder; give a file path such as {output / 'predictions.jsonl'}")
     if output is not None and output.exists() and not overwrite:
         raise PeftlabError(f"{output} exists; pass --overwrite to replace it")
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)  # results and errors only: no "preparing the base model" and the like
     predictor = load_predictor(model_dir, base_model=base, batch_size=batch_size)
-    rows = predictor.predict_detailed(items, progress=file is not None)
+    rows = predictor.predict_detailed(items)
     if output is not None:
         fsutil.write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         typer.echo(f"{len(rows)} predictions written to {output}")

@@ -25,6 +25,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -177,6 +178,25 @@ class MethodName(str, Enum):
     P_TUNING = "p_tuning"
     ADALORA = "adalora"
     LOHA = "loha"
+    RSLORA = "rslora"
+    LOKR = "lokr"
+    VERA = "vera"
+    OFT = "oft"
+    BOFT = "boft"
+    FOURIERFT = "fourierft"
+    HRA = "hra"
+    LN_TUNING = "ln_tuning"
+    C3A = "c3a"
+    BITFIT = "bitfit"
+    PEFT = "peft"  # any peft tuner by its PeftType name
+
+
+# Methods whose saved folder is a whole model (config.json + model.safetensors), not an adapter on a base.
+WHOLE_MODEL_METHODS = frozenset({MethodName.FULL.value, MethodName.BITFIT.value})
+
+_TARGETS = ("Module names to adapt, or all-linear (every linear layer but the head); default: peft's choice for the "
+            "architecture (query/value for BERT-likes, q_proj/v_proj for Llama).")
+Targets = Union[list[str], Literal["all-linear"], None]
 
 
 class _MethodBase(_Strict):
@@ -192,24 +212,46 @@ class FullConfig(_MethodBase):
     """Full fine-tuning: every weight is trained and the whole model is saved."""
 
     method: Literal["full"] = "full"
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
+
+
+class BitFitConfig(_MethodBase):
+    """BitFit: only the bias terms (and the classifier head) train; the whole model is saved, like full."""
+
+    method: Literal["bitfit"] = "bitfit"
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
 
 
 class _LoraLike(_MethodBase):
     r: int = Field(8, gt=0, description="Rank of the update matrices.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="Module names to adapt; default: peft's choice for the architecture (query/value for BERT-likes)."
-    )
-    learning_rate: float = Field(5e-4, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input during training.")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
+
+
+_LORA_INIT = ("How A and B start. default: B = 0, so training starts from the base model; gaussian: A Gaussian "
+              "instead of Kaiming; pissa / olora: A and B hold the weight's principal singular directions (PiSSA) or "
+              "its QR factors (OLoRA) and the base keeps the rest. A pissa / olora adapter is saved converted to a "
+              "plain LoRA of rank 2r on the unchanged base, so plain peft loads it.")
 
 
 class LoraConfig(_LoraLike):
     """LoRA: low-rank updates on chosen linear layers; classifier head trained and saved with the adapter."""
 
     method: Literal["lora"] = "lora"
-    use_rslora: bool = False
+    learning_rate: float = Field(1.1e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
+    use_rslora: bool = Field(False, description="Scale the update by alpha / sqrt(r) (rsLoRA; see method rslora).")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description=_LORA_INIT)
+
+
+class RsLoraConfig(_LoraLike):
+    """rsLoRA: LoRA scaled by alpha / sqrt(r) instead of alpha / r, so that high ranks keep learning."""
+
+    method: Literal["rslora"] = "rslora"
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description=_LORA_INIT)
+    r: int = Field(64, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(64, gt=0, description="Scaling numerator: the update is scaled by alpha / sqrt(r).")
 
 
 class DoraConfig(_LoraLike):
@@ -222,7 +264,26 @@ class LohaConfig(_LoraLike):
     """LoHa: low-rank Hadamard product updates."""
 
     method: Literal["loha"] = "loha"
-    alpha: float = Field(8, gt=0)
+    alpha: float = Field(8, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Probability of skipping the adapter for a step (module dropout).")
+
+
+class LokrConfig(_LoraLike):
+    """LoKr: the update is a Kronecker product of a small factor and a low-rank one."""
+
+    method: Literal["lokr"] = "lokr"
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping the adapter for a step (module dropout).")
+    decompose_factor: int = Field(-1, description="Kronecker factor size each dimension is split by; -1: the split "
+                                                  "closest to square.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+
+    @field_validator("decompose_factor")
+    @classmethod
+    def _factor(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("decompose_factor is -1 (closest to square) or a positive factor, e.g. 4")
+        return value
 
 
 class AdaLoraConfig(_LoraLike):
@@ -233,16 +294,98 @@ class AdaLoraConfig(_LoraLike):
     r: int = Field(8, gt=0, description="Average target rank after pruning.")
     tinit_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps before pruning starts.")
     tfinal_fraction: float = Field(0.2, ge=0, lt=1, description="Share of final steps with fixed ranks.")
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(2.4e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class Ia3Config(_MethodBase):
     """IA3: learned rescaling vectors on attention and feed-forward activations."""
 
     method: Literal["ia3"] = "ia3"
-    target_modules: list[str] | None = None
-    feedforward_modules: list[str] | None = None
-    learning_rate: float = Field(3e-3, gt=0)
+    target_modules: list[str] | None = Field(None, description="Module names to rescale; default: peft's choice for "
+                                                               "the architecture (key, value, output.dense for BERT).")
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of target_modules are feed-forward layers (rescaled at their input); default: peft's.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+
+
+class VeraConfig(_MethodBase):
+    """VeRA: frozen random projections shared by all layers; each layer learns two scaling vectors."""
+
+    method: Literal["vera"] = "vera"
+    r: int = Field(256, gt=0, description="Rank of the shared frozen projections; each layer trains r + out_features "
+                                          "values.")
+    d_initial: float = Field(0.1, gt=0, description="Initial value of the d scaling vector (the VeRA paper "
+                                                    "recommends 0.1 or less).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(1e-2, gt=0, description="Peak learning rate.")
+
+
+class OftConfig(_MethodBase):
+    """OFT: each adapted layer is multiplied by a learned block-diagonal orthogonal matrix."""
+
+    method: Literal["oft"] = "oft"
+    block_size: int = Field(32, gt=0, description="Size of each orthogonal block; must divide the layer's input "
+                                                  "features (the number of blocks follows).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Probability of setting a block to identity for a step "
+                                                        "(multiplicative dropout).")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+
+class BoftConfig(_MethodBase):
+    """BOFT: OFT whose orthogonal matrix is a product of sparse butterfly factors."""
+
+    method: Literal["boft"] = "boft"
+    block_size: int = Field(4, gt=0, description="Size of each butterfly block; must divide the layer's input "
+                                                 "features.")
+    butterfly_factor: int = Field(1, gt=0, description="Number of butterfly factors (1: plain block-diagonal OFT).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Probability of setting a block to identity for a step "
+                                                        "(multiplicative dropout).")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+
+class HraConfig(_MethodBase):
+    """HRA: each adapted layer is multiplied by a chain of r learned Householder reflections."""
+
+    method: Literal["hra"] = "hra"
+    r: int = Field(8, gt=0, description="Householder reflections per layer; even values keep peft's identity start.")
+    apply_gs: bool = Field(False, description="Gram-Schmidt-orthogonalise the reflection vectors.")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+
+class FourierFtConfig(_MethodBase):
+    """FourierFT: each layer learns a few spectral coefficients; the update is their inverse 2-D Fourier transform."""
+
+    method: Literal["fourierft"] = "fourierft"
+    n_frequency: int = Field(1000, gt=0, description="Learned frequencies per layer (at most in x out features); "
+                                                     "the layer's trainable parameter count.")
+    scaling: float = Field(150.0, gt=0, description="Scale of the update (like LoRA's alpha); peft suggests 100-150 "
+                                                    "for encoders, 300 for Llama-like models.")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(6e-2, gt=0, description="Peak learning rate.")
+
+
+class C3aConfig(_MethodBase):
+    """C3A: the update is a block-circulant matrix, applied as a circular convolution (FFT)."""
+
+    method: Literal["c3a"] = "c3a"
+    block_size: int = Field(64, gt=0, description="Circulant block size; must divide each adapted layer's input and "
+                                                  "output features (smaller: more parameters).")
+    target_modules: Targets = Field(None, description=_TARGETS)
+    learning_rate: float = Field(1e-1, gt=0, description="Peak learning rate.")
+
+
+class LnTuningConfig(_MethodBase):
+    """LN tuning: only the layer norms (and the classifier head) train, as an adapter."""
+
+    method: Literal["ln_tuning"] = "ln_tuning"
+    target_modules: list[str] | None = Field(
+        None, description="Norm module names to train; default: peft's choice for the architecture, or LayerNorm "
+                          "for BERT-likes.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
 
 
 class PromptTuningConfig(_MethodBase):
@@ -252,9 +395,10 @@ class PromptTuningConfig(_MethodBase):
     num_virtual_tokens: int | None = Field(
         None, gt=0, description="Virtual tokens; default 20, or the init text's token count with init TEXT."
     )
-    init: Literal["RANDOM", "TEXT"] = "RANDOM"
+    init: Literal["RANDOM", "TEXT"] = Field("RANDOM", description="RANDOM embeddings, or TEXT: the embeddings of "
+                                                                  "init_text's tokens.")
     init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt (init TEXT).")
-    learning_rate: float = Field(3e-2, gt=0)
+    learning_rate: float = Field(3e-2, gt=0, description="Peak learning rate.")
 
     @field_validator("init", mode="before")
     @classmethod
@@ -272,19 +416,85 @@ class PrefixTuningConfig(_MethodBase):
     """Prefix tuning: trainable key/value prefixes in every attention layer."""
 
     method: Literal["prefix_tuning"] = "prefix_tuning"
-    num_virtual_tokens: int = Field(20, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description="Prefix length (virtual tokens per attention layer).")
     prefix_projection: bool = Field(False, description="Reparameterise the prefix through an MLP.")
-    learning_rate: float = Field(1e-2, gt=0)
+    learning_rate: float = Field(1e-2, gt=0, description="Peak learning rate.")
 
 
 class PTuningConfig(_MethodBase):
     """P-tuning: virtual tokens produced by a small trainable prompt encoder."""
 
     method: Literal["p_tuning"] = "p_tuning"
-    num_virtual_tokens: int = Field(20, gt=0)
-    encoder_hidden_size: int = Field(128, gt=0)
-    encoder_type: Literal["MLP", "LSTM"] = "MLP"
-    learning_rate: float = Field(1e-3, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens prepended to every input.")
+    encoder_hidden_size: int = Field(128, gt=0, description="Hidden size of the prompt encoder.")
+    encoder_type: Literal["MLP", "LSTM"] = Field("MLP", description="Architecture of the prompt encoder.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+
+
+# Fields of every peft config class that peftlab sets itself (or that describe a saved adapter, not a tuner).
+PEFT_RESERVED_OPTIONS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                         "auto_mapping", "peft_version")
+
+
+class PeftTunerConfig(_MethodBase):
+    """Any peft tuner by its PeftType name, with that config class's own options (peft's defaults for the rest)."""
+
+    method: Literal["peft"] = "peft"
+    peft_type: str = Field(description="A peft PeftType name, e.g. LOKR, SHIRA, ROAD (case-insensitive).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of that type's peft config "
+                                                                      "class, e.g. {r: 16} for LOKR; task_type is "
+                                                                      "peftlab's.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+
+    @field_validator("peft_type", mode="before")
+    @classmethod
+    def _upper_type(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _peft_accepts(self) -> "PeftTunerConfig":
+        problem = peft_options_problem(self.peft_type, self.options)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"peft_{self.peft_type.lower()}"
+
+
+def peft_options_problem(peft_type: str, options: dict[str, Any]) -> str | None:
+    """What peft says against ``options`` for ``peft_type`` (None: it accepts them), naming the valid options.
+
+    peft's config classes are dataclasses: an unknown keyword is a TypeError naming one option, a bad value a
+    ValueError from ``__post_init__``. Imports peft (and torch) on first use, only for configs that use `peft`.
+    """
+    import dataclasses
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    types = sorted(str(getattr(t, "value", t)) for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+    config_class = next((c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if str(getattr(t, "value", t)) == peft_type),
+                        None)
+    if config_class is None:
+        hint = difflib.get_close_matches(peft_type, types, n=1)
+        guess = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"peft_type {peft_type!r} is not a peft tuner{guess} (peft's types: {', '.join(types)})"
+    valid = [f.name for f in dataclasses.fields(config_class) if f.init and f.name not in PEFT_RESERVED_OPTIONS]
+    unknown = [key for key in options if key not in valid]
+    reserved = [key for key in unknown if key in PEFT_RESERVED_OPTIONS]
+    if reserved:
+        return f"options.{reserved[0]}: peftlab sets {reserved[0]} itself; remove it"
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], valid, n=1)
+        guess = f"; did you mean {hint[0]!r}?" if hint else ""
+        return (f"options.{unknown[0]}: {config_class.__name__} has no option {unknown[0]!r}{guess} "
+                f"(valid: {', '.join(valid)})")
+    try:
+        config_class(**options)
+    except (TypeError, ValueError) as exc:
+        return f"options: peft's {config_class.__name__} rejects them: {exc}"
+    return None
 
 
 MethodConfig = Annotated[
@@ -298,6 +508,17 @@ MethodConfig = Annotated[
         PTuningConfig,
         AdaLoraConfig,
         LohaConfig,
+        RsLoraConfig,
+        LokrConfig,
+        VeraConfig,
+        OftConfig,
+        BoftConfig,
+        FourierFtConfig,
+        HraConfig,
+        LnTuningConfig,
+        C3aConfig,
+        BitFitConfig,
+        PeftTunerConfig,
     ],
     Field(discriminator="method"),
 ]
@@ -351,6 +572,14 @@ class TrainingConfig(_Strict):
                             "and 0.055 (prompt_tuning) (docs/class_weights.md). The saved config records the "
                             "resolved value."
     )
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers, each an optional extra (pip install 'peftlab[tracking]'): one tracking run "
+                    "per method and seed with its settings, per-epoch train and validation metrics, final test "
+                    "metrics and costs, and the report. tensorboard: event files in RUN_DIR/tensorboard/<run>; "
+                    "mlflow: the server in MLFLOW_TRACKING_URI if set, else a file store in RUN_DIR/mlruns. "
+                    "Tuning trials are not tracked."
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -365,6 +594,25 @@ class TrainingConfig(_Strict):
             raise ValueError(f"training.seeds repeats {repeated}: a repeated seed trains the same run twice and "
                              f"shrinks the spread; list each seed once")
         return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_or_none(cls, value: Any) -> Any:
+        # `--set training.report_to=mlflow` gives a string; `none` is the Trainer's word for no tracker.
+        if isinstance(value, str):
+            return [] if value == "none" else [value]
+        if isinstance(value, list) and len(set(map(str, value))) < len(value):
+            raise ValueError(f"training.report_to repeats a tracker: {value}; list each once")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_report_to(self, handler: Any) -> Any:
+        # Without trackers the key is left out of dumps, so a config.yaml (or a tuning study's fingerprint) from
+        # before the field existed still compares equal on --resume.
+        data = handler(self)
+        if isinstance(data, dict) and not self.report_to:
+            data.pop("report_to", None)
+        return data
 
     @field_validator("class_weights", mode="before")
     @classmethod
@@ -697,7 +945,10 @@ def _describe(err: Any) -> str:
         where = ".".join(parent) or "top level"
         return f"{'.'.join(loc)}: unknown key in {where}{suggestion} (allowed: {', '.join(sorted(allowed))})"
     if kind == "union_tag_invalid":
-        return (f"{'.'.join(loc)}: unknown method {err['input'].get('method')!r}; "
+        given = str(err["input"].get("method"))
+        hint = difflib.get_close_matches(given, [m.value for m in MethodName], n=1)
+        guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return (f"{'.'.join(loc)}: unknown method {given!r}{guess}; "
                 f"choose one of {', '.join(m.value for m in MethodName)} (see `peftlab methods`)")
     if kind == "union_tag_not_found":
         return f"{'.'.join(loc)}: each method needs `method:` (one of {', '.join(m.value for m in MethodName)})"

@@ -2,7 +2,10 @@
 
 The only module that turns measured results into text or pictures. Every
 number shown comes from :class:`ExperimentResult`; the summary sentences are
-computed from it, never written by hand.
+computed from it, never written by hand. The report is built once, as the
+markdown of report.md; report.html is that text rendered by markdown-it-py into
+the page template (``resources/templates/report.html.j2``), pictures inlined,
+so the two cannot drift apart. Paths are shown relative to the run directory.
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
-import html
 import io
 import logging
 import math
+import os
+import re
+import urllib.parse
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from peftlab import fsutil
 from peftlab.evaluate import perplexity
-from peftlab.results import ExperimentResult, RunResult, StudyResult
+from peftlab.results import ExperimentResult, RunResult, StudyResult, load_predictions
 from peftlab.stats import NO_DIFFERENCE, ExperimentStats, Interval, MethodStats, reference_name, run_statistics
 
 logger = logging.getLogger(__name__)
@@ -117,6 +123,10 @@ def results_rows(experiment: ExperimentResult) -> list[dict[str, Any]]:
             "optimizer_state_mb": round(run.optimizer_state_bytes / 2**20, 3),
             "best_epoch": run.best_epoch, "epochs_run": run.epochs_run,
         }
+        if run.parameter_parts is not None:
+            parts = run.parameter_parts
+            row.update({"params_adapter": parts.adapter, "params_head": parts.head, "params_prompt": parts.prompt,
+                        "params_other": parts.other, "base_params": parts.base})
         for key, value in run.test_metrics.items():
             row[f"test_{key}"] = round(value, 6)
         method_stats = stats.method(run.name) if stats and run.status == "ok" else None
@@ -137,6 +147,18 @@ def results_rows(experiment: ExperimentResult) -> list[dict[str, Any]]:
 
 def summary_sentences(experiment: ExperimentResult) -> list[str]:
     """Data-driven comparisons of each method against the reference (full fine-tuning by default)."""
+    return _comparison_sentences(experiment) + missing_sentences(experiment)
+
+
+def missing_sentences(experiment: ExperimentResult) -> list[str]:
+    """Which runs of the config this report lacks (another process trains them, or nobody ran them yet)."""
+    if not experiment.missing:
+        return []
+    return [f"Not in this report yet: {'; '.join(experiment.missing)}. `peftlab report RUN_DIR` merges them once "
+            f"they finish."]
+
+
+def _comparison_sentences(experiment: ExperimentResult) -> list[str]:
     runs = _ok(experiment.runs)
     if not runs:
         return ["No method finished; see the errors in the table."]
@@ -209,6 +231,8 @@ def _classification_summary(experiment: ExperimentResult, runs: list[RunResult])
         sentence = _never_predicted_sentence(name, group, by_name[name])
         if sentence:
             sentences.append(sentence)
+    if stats is not None and stats.majority:
+        sentences.append(_floor_sentence(stats.majority["f1_macro"], f1))
     weights = (experiment.config.get("training") or {}).get("class_weights", "none")
     if weights != "none":  # the Trainer's loss is the weighted one, in evaluation too
         sentences.append(f"Training, validation and test losses are class-weighted cross-entropy "
@@ -216,6 +240,22 @@ def _classification_summary(experiment: ExperimentResult, runs: list[RunResult])
     if stats is not None:
         sentences += stats.notes
     return sentences
+
+
+# A method this close to always predicting the most frequent class has learnt little beyond the class balance.
+FLOOR_MARGIN = 0.15
+
+
+def _floor_sentence(floor: float, f1: dict[str, float]) -> str:
+    """The majority-class floor, and the methods within FLOOR_MARGIN of it (with what to do about them)."""
+    text = f"Always predicting the most frequent class scores macro F1 {floor:.4f} on this test split"
+    near = [name for name, value in f1.items() if value < floor + FLOOR_MARGIN]
+    if not near:
+        return text + f"; every method is more than {FLOOR_MARGIN} above it."
+    verb = "is" if len(near) == 1 else "are"
+    return (text + f"; {_and(near)} {verb} within {FLOOR_MARGIN} of it: little learnt beyond the class balance. "
+            "Its settings may be at fault: tune it within the same budget as the others (`peftlab run --tune`) "
+            "and read its study, or train longer.")
 
 
 def _verdict_sentence(name: str, reference: str, runs: list[RunResult], reference_runs: list[RunResult],
@@ -276,6 +316,7 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = _ok(experiment.runs)
     folder.mkdir(parents=True, exist_ok=True)
@@ -295,6 +336,7 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
         if train:
             ax.plot(*zip(*train), "--", color=color, alpha=0.6, label=f"{label[id(run)]} train")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no 1.2, 1.4 ticks
     ax.set_ylabel("loss")
     ax.set_title("Train (dashed) and validation (solid) loss")
     ax.legend(fontsize=7)
@@ -306,6 +348,7 @@ def make_plots(experiment: ExperimentResult, folder: Path) -> dict[str, Path]:
         ax.plot([h.epoch for h in run.history], [h.metrics.get(metric) for h in run.history], "-o",
                 color=f"C{index % 10}", label=label[id(run)])
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation " + ("macro F1" if classify else "perplexity"))
     ax.set_title(("Validation macro F1" if classify else "Validation perplexity") + " per epoch")
     ax.legend(fontsize=7)
@@ -379,6 +422,88 @@ def _test_quality_plot(stats: ExperimentStats, path: Path) -> Path:
     return _save(fig, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConfusionPicture:
+    """A confusion-matrix picture; ``numbered``: its classes are drawn as 0..n-1 (the font lacks their glyphs)."""
+
+    path: Path
+    numbered: bool = False
+
+
+def make_confusion_plots(experiment: ExperimentResult, run_dir: Path) -> dict[int, ConfusionPicture]:
+    """One confusion-matrix picture per finished classification run, keyed by its index in ``experiment.runs``.
+
+    The counts are the run's saved test confusion matrix (or, for a result without one, its saved test
+    predictions): the test split is never read again. Colour is the row's share (recall per true class).
+    """
+    if experiment.task != "classification":
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures: dict[int, ConfusionPicture] = {}
+    names: set[str] = set()
+    for index, run in enumerate(experiment.runs):
+        if run.status != "ok":
+            continue
+        labels, matrix = _saved_confusion(run, run_dir)
+        if not matrix:
+            continue
+        counts = [[int(v) for v in row] for row in matrix]
+        n = len(labels)
+        ticks = labels if all(_drawable(label) for label in labels) else [str(i) for i in range(n)]
+        side = 1.6 + 0.55 * n
+        fig, ax = plt.subplots(figsize=(side + 0.6, side))
+        shares = [[v / max(1, sum(row)) for v in row] for row in counts]
+        ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(counts[i][j]), ha="center", va="center", fontsize=9,
+                        color="white" if shares[i][j] > 0.6 else "black")
+        ax.set_xticks(range(n), ticks, rotation=30 if max(len(t) for t in ticks) > 6 else 0, fontsize=8)
+        ax.set_yticks(range(n), ticks, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        title = _run_title(experiment, run)
+        ax.set_title(title if _drawable(title) else f"method {index + 1}", fontsize=9)
+        path = _save(fig, run_dir / PLOTS / f"confusion_{_file_stem(title, names)}.png")
+        pictures[index] = ConfusionPicture(path, numbered=ticks != labels)
+    return pictures
+
+
+def _saved_confusion(run: RunResult, run_dir: Path) -> tuple[list[str], list[list[int]]]:
+    """Class names and the test confusion matrix as the run saved them (its predictions file as a fallback)."""
+    if run.confusion_matrix:
+        return list(run.per_class), run.confusion_matrix
+    if run.predictions_file and (run_dir / run.predictions_file).is_file():
+        saved = load_predictions(run_dir / run.predictions_file)
+        matrix = [[0] * len(saved.labels) for _ in saved.labels]
+        for true, predicted in zip(saved.true, saved.predicted):
+            matrix[int(true)][int(predicted)] += 1
+        return saved.labels, matrix
+    return list(run.per_class), []
+
+
+def _drawable(text: str) -> bool:
+    """Whether matplotlib's default font has every glyph of ``text`` (Hangul is missing from DejaVu Sans)."""
+    from matplotlib.font_manager import FontProperties, findfont, get_font
+
+    font = get_font(findfont(FontProperties()))
+    return all(font.get_char_index(ord(c)) != 0 for c in text if not c.isspace())
+
+
+def _file_stem(name: str, taken: set[str]) -> str:
+    """A file-name-safe, unique stem for ``name``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "method"
+    candidate, number = stem, 2
+    while candidate in taken:
+        candidate, number = f"{stem}_{number}", number + 1
+    taken.add(candidate)
+    return candidate
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -394,10 +519,15 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: one line, its pipes escaped (a pipe that is already escaped stays as it is)."""
+    return re.sub(r"(?<!\\)\|", r"\\|", str(value).replace("\n", " "))
 
 
 def _comparison(experiment: ExperimentResult) -> tuple[list[str], list[dict[str, Any]]]:
@@ -481,16 +611,24 @@ def _with_interval(interval: Interval) -> str:
     return f"{interval.estimate:.4f} ({interval.low:.4f}–{interval.high:.4f})"
 
 
-def _data_lines(report: dict[str, Any]) -> list[str]:
-    lines = [f"- source: `{report['source']}` ({report['format']})",
+def _data_lines(report: dict[str, Any], show: Callable[[str], str] = str) -> list[str]:
+    """The data report as markdown list lines; ``show`` rewrites absolute paths (see :func:`_path_display`)."""
+    lines = [f"- source: `{show(report['source'])}` ({report['format']})",
              f"- rows: {report['raw_rows']} raw, {report['kept_rows']} kept, "
              f"{sum(report['dropped'].values())} dropped"]
+    files = report.get("files") or {}
+    if files:
+        shown = ", ".join(f"`{show(name)}` {count}" for name, count in list(files.items())[:_LISTED_FILES])
+        more = f" and {len(files) - _LISTED_FILES} more" if len(files) > _LISTED_FILES else ""
+        lines.append(f"- files read, in order (records): {shown}{more}")
+    if report.get("columns"):
+        lines.append("- columns found: " + ", ".join(f"`{c}`" for c in report["columns"]))
     for reason, count in report["dropped"].items():
-        where = ", ".join(report.get("dropped_examples", {}).get(reason, [])[:3])
+        where = ", ".join(md_escape(show(e)) for e in report.get("dropped_examples", {}).get(reason, [])[:3])
         lines.append(f"  - {reason}: {count}" + (f" (e.g. {where})" if where else ""))
     lines.append(f"- splits: " + ", ".join(f"{k} {v}" for k, v in report["split_sizes"].items()))
     for split, counts in report.get("class_counts", {}).items():
-        lines.append(f"  - {split}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        lines.append(f"  - {split}: " + ", ".join(f"{md_escape(str(k))} {v}" for k, v in counts.items()))
     if report.get("token_length"):
         tl = report["token_length"]
         lines.append(f"- tokens per text: p50 {tl['p50']:.0f}, p90 {tl['p90']:.0f}, p99 {tl['p99']:.0f}, "
@@ -498,50 +636,157 @@ def _data_lines(report: dict[str, Any]) -> list[str]:
                      + ", ".join(f"{k} {v}" for k, v in report.get("truncated", {}).items()))
     if report.get("cleaning", "none") != "none":
         lines.append(f"- cleaning `{report['cleaning']}` changed {report['cleaning_changed']} texts")
+        for before, after in report.get("cleaning_examples", [])[:3]:
+            lines.append(f"  - {md_escape(repr(before[:60]))} → {md_escape(repr(after[:60]))}")
     for note in report.get("notes", []):
-        lines.append(f"- note: {note}")
+        lines.append(f"- note: {md_escape(show(note))}")
     for warning in report.get("warnings", []):
-        lines.append(f"- **warning**: {warning}")
+        lines.append(f"- **warning**: {md_escape(show(warning))}")
     return lines
 
 
-def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path) -> str:
+_LISTED_FILES = 10  # a folder of hundreds of files lists its first ten and a count
+
+
+def md_escape(text: str) -> str:
+    """``text`` with the characters markdown would read as markup escaped (data texts, messages, labels)."""
+    return re.sub(r"([\\`*\[\]<>&|])", r"\\\1", text)
+
+
+def _path_display(experiment: ExperimentResult, run_dir: Path) -> Callable[[str], str]:
+    """A function that rewrites the absolute paths of ``experiment``'s inputs as the report shows them.
+
+    A shipped data set is shown as the user gave it (``shipped:NAME``), never as its place inside the
+    installation; any other input path relative to the run directory, so the report reads the same on the
+    machine the run directory is copied to.
+    """
+    data = experiment.config.get("data") or {}
+    report = experiment.data_report or {}
+    replacements: dict[str, str] = {}
+    given = data.get("path")
+    if isinstance(given, str) and given.startswith("shipped:") and not str(report.get("source", "")).startswith("shipped:"):
+        replacements[str(report.get("source", ""))] = given
+    model = (experiment.config.get("model") or {}).get("path")
+    candidates = [given, model, *((data.get("splits") or {}).values()), *(report.get("files") or {})]
+    here = Path(run_dir).resolve()
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate and Path(candidate).is_absolute():
+            replacements[candidate] = os.path.relpath(candidate, here)
+    replacements.pop("", None)
+    ordered = sorted(replacements, key=len, reverse=True)  # a file inside a folder before the folder
+
+    def show(text: str) -> str:
+        for old in ordered:
+            text = text.replace(old, replacements[old])
+        return text
+
+    return show
+
+
+def _epoch_text(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return f"{epoch:.0f}" if float(epoch).is_integer() else f"{epoch:.2f}"
+
+
+def _parts_cell(count: int, base: int) -> str:
+    pct = 100.0 * count / base if base else 0.0
+    if not count:
+        return "0"
+    return f"{human_count(count)} ({pct:.2f}%)" if pct >= 0.01 else f"{human_count(count)} ({pct:.2g}%)"
+
+
+def parameter_rows(experiment: ExperimentResult) -> list[dict[str, str]]:
+    """One row per method: its trainable parameters by part, each with its share of the base model."""
+    rows = []
+    for name, group in _groups(_ok(experiment.runs)).items():
+        parts = group[0].parameter_parts  # the same at every seed
+        if parts is None:
+            continue
+        rows.append({"method": name, "adapter weights": _parts_cell(parts.adapter, parts.base),
+                     "head (modules_to_save)": _parts_cell(parts.head, parts.base),
+                     "prompt": _parts_cell(parts.prompt, parts.base), "other": _parts_cell(parts.other, parts.base),
+                     "trainable": _parts_cell(parts.trainable, parts.base), "base model": human_count(parts.base)})
+    return rows
+
+
+PARAMETER_NOTE = ("Adapter weights are the peft tuner weights (LoRA's A and B matrices, IA3's vectors, ...), never "
+                  "the frozen base weights inside the layers they wrap; head is the trainable copy of the classifier "
+                  "that peft keeps in `modules_to_save` (its frozen original is part of the base model), or the "
+                  "model's own head in full fine-tuning; prompt is the virtual-token embeddings or prompt encoder; "
+                  "other is any other trainable weight (in full fine-tuning: every weight of the base model). "
+                  "Percentages are of the base model's parameters.")
+
+
+def render_markdown(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path,
+                    confusion: dict[int, ConfusionPicture] | None = None) -> str:
+    """report.md: every table and picture of the report; report.html is rendered from this text.
+
+    Args:
+        experiment: the results (with ``statistics`` already computed by :func:`write_report`).
+        plots: title -> picture, from :func:`make_plots`.
+        run_dir: the run directory; every path in the report is relative to it.
+        confusion: run index -> confusion-matrix picture, from :func:`make_confusion_plots`.
+    """
+    confusion = confusion or {}
+    show = _path_display(experiment, run_dir)
     columns, rows = _comparison(experiment)
     seeds = sorted({r.seed for r in experiment.runs if r.seed is not None})
     seed_text = (f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
                  else f"seed {experiment.environment.get('seed')}")
-    parts = [f"# peftlab report: {experiment.name}", "",
-             f"Task: {experiment.task}; model: `{experiment.config['model']['path']}`; "
+    parts = [f"# peftlab report: {md_escape(experiment.name)}", "",
+             f"Task: {experiment.task}; model: `{show(str(experiment.config['model']['path']))}`; "
              f"device: {experiment.environment.get('device', '?')}; {seed_text}.", "",
              "## Summary", ""]
-    parts += [f"- {s}" for s in summary_sentences(experiment)]
+    parts += [f"- {md_escape(s)}" for s in summary_sentences(experiment)]
     parts += ["", "## Results (test split)", "", _markdown_table(rows, columns), "",
               "Time is `Trainer.train()` wall clock including per-epoch evaluation; peak RSS is the process's "
               "resident memory while that method trained; model/adapter is what must be kept on disk "
               "(weights + config, tokenizer excluded); optimizer state is the in-memory Adam moments.", ""]
-    parts += ["## Data", ""] + _data_lines(experiment.data_report) + [""]
+    parameters = parameter_rows(experiment)
+    if parameters:
+        parts += ["## Trainable parameters by part", "", _markdown_table(parameters, list(parameters[0])), "",
+                  PARAMETER_NOTE, ""]
+    parts += ["## Data", ""] + _data_lines(experiment.data_report, show) + [""]
     if experiment.task == "classification":
         parts += ["## Per-class test results", ""]
-        for run in _ok(experiment.runs):
-            parts += [f"### {_run_title(experiment, run)}", "", _markdown_table(
+        for index, run in enumerate(experiment.runs):
+            if run.status != "ok":
+                continue
+            title = _run_title(experiment, run)
+            parts += [f"### {md_escape(title)}", "", _markdown_table(
                 [{"class": c, **{k: _fmt(v) if k != "support" else int(v) for k, v in m.items()}}
                  for c, m in run.per_class.items()], ["class", "precision", "recall", "f1", "support"]), ""]
             labels = list(run.per_class)
             matrix_rows = [{"true \\ predicted": labels[i], **{labels[j]: v for j, v in enumerate(row)}}
                            for i, row in enumerate(run.confusion_matrix)]
-            parts += [_markdown_table(matrix_rows, ["true \\ predicted"] + labels), ""]
+            if matrix_rows:
+                parts += [_markdown_table(matrix_rows, ["true \\ predicted"] + labels), ""]
+            if index in confusion:
+                parts += [f"![Confusion matrix: {md_escape(title)}]({_relative(confusion[index].path, run_dir)})", ""]
+                if confusion[index].numbered:
+                    parts += ["Classes are numbered on the picture in the table's order: "
+                              + ", ".join(f"{i} {md_escape(label)}" for i, label in enumerate(labels)) + ".", ""]
     parts += _generation_markdown(experiment)
     parts += ["## Per-epoch history", ""]
     for run in _ok(experiment.runs):
-        hist_rows = [{"epoch": _fmt(h.epoch, 2), "train loss": _fmt(h.train_loss), "eval loss": _fmt(h.eval_loss),
+        hist_rows = [{"epoch": _epoch_text(h.epoch), "train loss": _fmt(h.train_loss), "eval loss": _fmt(h.eval_loss),
                       **{k: _fmt(v) for k, v in h.metrics.items()}} for h in run.history]
         keys = ["epoch", "train loss", "eval loss"] + (list(run.history[0].metrics) if run.history else [])
-        parts += [f"### {_run_title(experiment, run)} (best epoch {_fmt(run.best_epoch, 0)} by {run.best_metric_name})", "",
-                  _markdown_table(hist_rows, keys), ""]
-    parts += ["## Plots", ""] + [f"![{title}]({path.relative_to(run_dir).as_posix()})" for title, path in plots.items()]
+        parts += [f"### {md_escape(_run_title(experiment, run))} (best epoch {_epoch_text(run.best_epoch)} by "
+                  f"{run.best_metric_name})", "", _markdown_table(hist_rows, keys), ""]
+    parts += ["## Plots", ""]
+    for title, path in plots.items():
+        parts += [f"![{md_escape(title)}]({_relative(path, run_dir)})", ""]
     env = experiment.environment
-    parts += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    parts += ["## Environment", "", _markdown_table([{"item": k, "value": v} for k, v in env.items()],
+                                                    ["item", "value"]), ""]
     return "\n".join(parts)
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    """``path`` as a link from a document in ``run_dir`` (a space in it written as %20, as markdown links need)."""
+    return path.relative_to(run_dir).as_posix().replace(" ", "%20")
 
 
 def _run_title(experiment: ExperimentResult, run: RunResult) -> str:
@@ -559,49 +804,64 @@ def _generation_markdown(experiment: ExperimentResult) -> list[str]:
         rows = [{"model": "base (before training)", "generation": experiment.base_generations.get(prompt, "")}]
         rows += [{"model": r.name, "generation": r.generations.get(prompt, "")} for r in _ok(experiment.runs)]
         for row in rows:
-            row["generation"] = row["generation"].replace("|", "\\|").replace("\n", " ")
-        parts += [f"**{prompt}**", "", _markdown_table(rows, ["model", "generation"]), ""]
+            row["generation"] = md_escape(row["generation"])
+        parts += [f"**{md_escape(prompt)}**", "", _markdown_table(rows, ["model", "generation"]), ""]
     return parts
 
 
-def render_html(experiment: ExperimentResult, plots: dict[str, Path]) -> str:
-    """A single file with inline CSS and base64 PNGs: opens anywhere, attaches to an email."""
-    columns, rows = _comparison(experiment)
-    esc = html.escape
-    table = "<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr></thead><tbody>"
-    for row in rows:
-        table += "<tr>" + "".join(f"<td>{esc(str(row.get(c, '')))}</td>" for c in columns) + "</tr>"
-    table += "</tbody></table>"
-    images = "".join(
-        f"<figure><img alt='{esc(title)}' src='data:image/png;base64,"
-        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{esc(title)}</figcaption></figure>"
-        for title, path in plots.items())
-    summary = "".join(f"<li>{esc(s)}</li>" for s in summary_sentences(experiment))
-    data = "".join(f"<li>{esc(line.strip().lstrip('- ')).replace('**warning**', '<strong>warning</strong>')}</li>"
-                   for line in _data_lines(experiment.data_report))
-    generations = ""
-    if experiment.task == "causal-lm":
-        generations = "<h2>Generations</h2>" + "".join(
-            f"<h3>{esc(prompt)}</h3><table><tr><th>model</th><th>generation</th></tr>"
-            f"<tr><td>base</td><td>{esc(text)}</td></tr>"
-            + "".join(f"<tr><td>{esc(r.name)}</td><td>{esc(r.generations.get(prompt, ''))}</td></tr>"
-                      for r in _ok(experiment.runs)) + "</table>"
-            for prompt, text in experiment.base_generations.items())
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
-             "figure{display:inline-block;margin:0.5em}img{max-width:100%}")
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>peftlab report: {esc(experiment.name)}"
-            f"</title><style>{style}</style></head><body><h1>peftlab report: {esc(experiment.name)}</h1>"
-            f"<p>Task {esc(experiment.task)}, model <code>{esc(str(experiment.config['model']['path']))}</code>, "
-            f"device {esc(str(experiment.environment.get('device', '?')))}.</p>"
-            f"<h2>Summary</h2><ul>{summary}</ul><h2>Results (test split)</h2>{table}"
-            f"<h2>Data</h2><ul>{data}</ul>{generations}<h2>Plots</h2>{images}</body></html>")
+def render_html(experiment: ExperimentResult, plots: dict[str, Path], run_dir: Path,
+                confusion: dict[int, ConfusionPicture] | None = None) -> str:
+    """report.html: :func:`render_markdown`'s document as a self-contained page (see :func:`render_page`)."""
+    return render_page(render_markdown(experiment, plots, run_dir, confusion), run_dir)
+
+
+PAGE_TEMPLATE = "report.html.j2"
+
+
+def render_page(markdown: str, base_dir: Path) -> str:
+    """A markdown report as one self-contained HTML page: the same text, every picture inlined as base64.
+
+    The one HTML renderer of peftlab's reports, so the page holds exactly what the markdown holds. Raw HTML in
+    the markdown is not passed through (data texts are escaped, never markup).
+
+    Args:
+        markdown: the document (report.md's text).
+        base_dir: the folder the document's relative picture links start from.
+    """
+    import jinja2
+    from markdown_it import MarkdownIt
+    from markupsafe import Markup
+
+    parser = MarkdownIt("commonmark", {"html": False}).enable("table")
+    parser.add_render_rule("image", _inline_image_rule(Path(base_dir)))
+    tokens = parser.parse(markdown)
+    title = next((tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h1"),
+                 "peftlab report")
+    body = parser.renderer.render(tokens, parser.options, {})
+    template = (resources.files("peftlab") / "resources" / "templates" / PAGE_TEMPLATE).read_text(encoding="utf-8")
+    page = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(template)
+    return page.render(title=title, body=Markup(body))
+
+
+def _inline_image_rule(base_dir: Path) -> Callable[..., str]:
+    """A markdown-it render rule that writes a local picture as a data: URI (the page opens anywhere)."""
+
+    def render(renderer: Any, tokens: list[Any], index: int, options: Any, env: Any) -> str:
+        token = tokens[index]
+        source = urllib.parse.unquote(str(token.attrGet("src") or ""))
+        path = base_dir / source
+        if source and not urllib.parse.urlparse(source).scheme and path.is_file():
+            kind = "png" if path.suffix.lower() == ".png" else path.suffix.lower().lstrip(".")
+            token.attrSet("src", f"data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}")
+        return renderer.image(tokens, index, options, env)
+
+    return render
 
 
 def write_report(experiment: ExperimentResult, run_dir: Path) -> dict[str, Path]:
     """Write results.json, results.csv, report.md, report.html and plots/ into ``run_dir``.
 
+    report.html is rendered from report.md's text (:func:`render_page`), so the two never differ.
     The intervals and verdicts are recomputed from the test predictions saved in ``run_dir`` (see
     :func:`peftlab.stats.run_statistics`) and stored in ``experiment.statistics`` (so results.json and a
     later :func:`render_results_console` show them).
@@ -613,6 +873,7 @@ def write_report(experiment: ExperimentResult, run_dir: Path) -> dict[str, Path]
     # Without any saved predictions (causal LM, runs from before they were saved) the summary says so per method.
     experiment.statistics = stats.to_dict() if stats is not None and stats.methods else {}
     plots = make_plots(experiment, run_dir / PLOTS)
+    confusion = make_confusion_plots(experiment, run_dir)
     fsutil.write_json(run_dir / "results.json", experiment.to_dict())
     rows = results_rows(experiment)
     buffer = io.StringIO()
@@ -621,8 +882,9 @@ def write_report(experiment: ExperimentResult, run_dir: Path) -> dict[str, Path]
     writer.writeheader()
     writer.writerows(rows)
     fsutil.write_text(run_dir / "results.csv", buffer.getvalue())
-    fsutil.write_text(run_dir / "report.md", render_markdown(experiment, plots, run_dir))
-    fsutil.write_text(run_dir / "report.html", render_html(experiment, plots))
+    markdown = render_markdown(experiment, plots, run_dir, confusion)
+    fsutil.write_text(run_dir / "report.md", markdown)
+    fsutil.write_text(run_dir / "report.html", render_page(markdown, run_dir))
     _cards_with_intervals(experiment, stats, run_dir)
     return {"markdown": run_dir / "report.md", "html": run_dir / "report.html",
             "csv": run_dir / "results.csv", "json": run_dir / "results.json"}
@@ -649,10 +911,15 @@ def _cards_with_intervals(experiment: ExperimentResult, stats: ExperimentStats |
 # --------------------------------------------------------------------------- console
 
 
+CONSOLE_WIDTH = 100  # the results table and summary fit it, whatever the terminal (tested at exactly this width)
+
+
 def _console() -> Any:
+    """A console of at most :data:`CONSOLE_WIDTH` columns (the terminal's own width when that is narrower)."""
     from rich.console import Console
 
-    return Console(stderr=False, width=140)
+    console = Console(stderr=False)
+    return Console(stderr=False, width=min(console.width, CONSOLE_WIDTH) if console.is_terminal else CONSOLE_WIDTH)
 
 
 def render_data_report_console(report: Any) -> None:
@@ -692,20 +959,86 @@ def render_data_report_console(report: Any) -> None:
     console.print(table)
 
 
-def render_results_console(experiment: ExperimentResult) -> None:
-    """Print the comparison table and summary sentences."""
+def render_results_console(experiment: ExperimentResult, console: Any = None) -> None:
+    """Print the comparison table (the columns a reader compares first; report.md has them all) and the summary.
+
+    Args:
+        experiment: the finished experiment.
+        console: a ``rich.console.Console`` to print on (default: standard output, :data:`CONSOLE_WIDTH` wide).
+    """
+    from rich import box
     from rich.table import Table
 
-    columns, rows = _comparison(experiment)
-    table = Table(title=f"peftlab: {experiment.name}")
+    columns, rows = _console_rows(experiment)
+    # Every cell is split into lines here, so no column needs wrapping: rich's table shrinks its widest columns
+    # first, whatever their words, and would cut a number in two. Only a long method name may fold.
+    table = Table(title=f"peftlab: {experiment.name}", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1),
+                  pad_edge=False, collapse_padding=True)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        text = column in ("method", "seed")
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for row in rows:
-        table.add_row(*[str(row.get(c, "")) for c in columns])
-    console = _console()
+        table.add_row(*row)
+    console = console or _console()
     console.print(table)
     for sentence in summary_sentences(experiment):
         console.print(f"• {sentence}")
+
+
+def _console_rows(experiment: ExperimentResult) -> tuple[list[str], list[list[str]]]:
+    """The console table, a subset of report.md's: a row per method (and seed), its detail on the lines below.
+
+    Two lines per run (a count, then its share; an estimate, then its interval), three for the mean over seeds
+    (mean, ± std, interval); 3-decimal intervals. A failed method's error is left to the messages after the table.
+    """
+    classify = experiment.task == "classification"
+    stats = _statistics(experiment)
+    several = _several_seeds(experiment)
+    level = f"\n({_level(stats)} CI)" if stats else ""
+    metrics = [("accuracy", "accuracy" + level), ("f1_macro", "macro F1" + level)] if classify else \
+        [("loss", "test\nloss"), ("perplexity", "perplexity")]
+    columns = ["method"] + (["seed"] if several else []) + ["trainable", "time", "peak\nRSS", "size", "best\nepoch"]
+    columns += [title for _, title in metrics]
+    rows: list[list[str]] = []
+
+    def add(cells: dict[str, str]) -> None:
+        rows.append([cells.get(c, "") for c in columns])
+
+    if not classify and experiment.base_eval_loss is not None:
+        add({"method": "base\n(no training)", "trainable": "0", "test\nloss": _fmt(experiment.base_eval_loss),
+             "perplexity": _fmt(perplexity(experiment.base_eval_loss), 2)})
+    for name, group in _groups(experiment.runs).items():
+        finished = _ok(group)
+        method_stats = stats.method(name) if stats and finished else None
+        if len(group) > 1 and finished:  # mean ± std over the seeds, with the interval of the mean
+            cells = {"method": name, "seed": "mean", "trainable": human_count(finished[0].trainable_params),
+                     "time": f"{sum(r.wall_time_s for r in finished) / len(finished):.1f} s",
+                     "size": human_bytes(finished[0].model_size_bytes)}
+            for metric, title in metrics:
+                mean, std = _mean_std([r.test_metrics.get(metric, float("nan")) for r in finished]).split(" ± ")
+                cells[title] = f"{mean}\n±{std}"
+                if method_stats is not None and metric in method_stats.metrics:
+                    cells[title] += "\n" + _console_interval(method_stats.metrics[metric])
+            add(cells)
+        for run in group:
+            cells = {"method": name, "seed": "-" if run.seed is None else str(run.seed)}
+            if run.status != "ok":
+                add({**cells, "trainable": "failed"})
+                continue
+            pct = f"{run.trainable_pct:.2f}" if run.trainable_pct >= 0.01 else f"{run.trainable_pct:.2g}"
+            cells.update({"trainable": f"{human_count(run.trainable_params)}\n({pct}%)",
+                          "time": f"{run.wall_time_s:.1f} s", "peak\nRSS": human_bytes(run.peak_rss_bytes),
+                          "size": human_bytes(run.model_size_bytes), "best\nepoch": _fmt(run.best_epoch, 0)})
+            for metric, title in metrics:
+                cells[title] = _fmt(run.test_metrics.get(metric), 2 if metric == "perplexity" else 4)
+                if len(group) == 1 and method_stats is not None and metric in method_stats.metrics:
+                    cells[title] += "\n" + _console_interval(method_stats.metrics[metric])
+            add(cells)
+    return columns, rows
+
+
+def _console_interval(interval: Interval) -> str:
+    return f"{interval.low:.3f}–{interval.high:.3f}"
 
 
 # --------------------------------------------------------------------------- tuning studies
@@ -789,7 +1122,7 @@ def render_study_markdown(study: StudyResult, plots: dict[str, Path], run_dir: P
     """The study section: the budget, the settings chosen per method, every trial, the plot."""
     summary = study_summary_rows(study)
     trials = study_trial_rows(study)
-    lines = [f"# peftlab tuning: {study.name}", "", *[f"- {s}" for s in _study_sentences(study)], "",
+    lines = [f"# peftlab tuning: {md_escape(study.name)}", "", *[f"- {md_escape(s)}" for s in _study_sentences(study)], "",
              f"Tuned config: `{study.tuned_config}` (run it with `peftlab run {study.tuned_config}`).", "",
              "## Chosen settings", "", _markdown_table(summary, list(summary[0]) if summary else []), "",
              "## Search spaces", ""]
@@ -799,44 +1132,28 @@ def render_study_markdown(study: StudyResult, plots: dict[str, Path], run_dir: P
                      else ", ".join(str(c) for c in p["choices"]))
             lines.append(f"- {method.name} `{p['name']}`: {where}. {p['description']}")
     lines += ["", "## Trials", "", _markdown_table(trials, list(trials[0]) if trials else []), ""]
+    if plots:
+        lines += ["## Plots", ""]
     for title, path in plots.items():
-        lines += [f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
+        lines += [f"![{md_escape(title)}]({_relative(path, run_dir)})", ""]
+    if study.environment:
+        lines += ["## Environment", "", _markdown_table([{"item": k, "value": v} for k, v in study.environment.items()],
+                                                        ["item", "value"]), ""]
     return "\n".join(lines)
 
 
-def render_study_html(study: StudyResult, plots: dict[str, Path]) -> str:
-    """The study section as a self-contained HTML page (base64 plot)."""
-    esc = html.escape
-
-    def table(rows: list[dict[str, Any]]) -> str:
-        if not rows:
-            return "<p>none</p>"
-        columns = list(rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{esc(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows)
-        return ("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr></thead><tbody>"
-                + body + "</tbody></table>")
-
-    images = "".join(
-        f"<figure><img alt='{esc(title)}' src='data:image/png;base64,"
-        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{esc(title)}</figcaption></figure>"
-        for title, path in plots.items())
-    sentences = "".join(f"<li>{esc(s)}</li>" for s in _study_sentences(study))
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left}th{background:#f3f3f3}figure{display:inline-block;margin:0.5em}img{max-width:100%}")
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>peftlab tuning: {esc(study.name)}"
-            f"</title><style>{style}</style></head><body><h1>peftlab tuning: {esc(study.name)}</h1><ul>{sentences}</ul>"
-            f"<p>Tuned config: <code>{esc(study.tuned_config)}</code>.</p><h2>Chosen settings</h2>"
-            f"{table(study_summary_rows(study))}<h2>Trials</h2>{table(study_trial_rows(study))}"
-            f"<h2>Plots</h2>{images}</body></html>")
+def render_study_html(study: StudyResult, plots: dict[str, Path], run_dir: Path) -> str:
+    """The study report as a self-contained page, rendered from :func:`render_study_markdown`'s text."""
+    return render_page(render_study_markdown(study, plots, run_dir), run_dir)
 
 
 def write_study_report(study: StudyResult, run_dir: Path) -> dict[str, Path]:
-    """Write study.json, report.md, report.html and plots/ of a tune directory."""
+    """Write study.json, report.md, report.html (from report.md's text) and plots/ of a tune directory."""
     plots = make_study_plot(study, run_dir / PLOTS)
     fsutil.write_json(run_dir / "study.json", study.to_dict())
-    fsutil.write_text(run_dir / "report.md", render_study_markdown(study, plots, run_dir))
-    fsutil.write_text(run_dir / "report.html", render_study_html(study, plots))
+    markdown = render_study_markdown(study, plots, run_dir)
+    fsutil.write_text(run_dir / "report.md", markdown)
+    fsutil.write_text(run_dir / "report.html", render_page(markdown, run_dir))
     return {"markdown": run_dir / "report.md", "html": run_dir / "report.html", "json": run_dir / "study.json"}
 
 

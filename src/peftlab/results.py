@@ -33,6 +33,29 @@ class EpochRecord:
 
 
 @dataclass
+class ParameterParts:
+    """Where a method's trainable parameters are, counted by :func:`peftlab.params.parameter_parts`.
+
+    Each part counts trainable parameters only; ``base`` is the base model's own parameter count (what the
+    method adds is not in it), the denominator of every percentage in the report.
+    """
+
+    adapter: int = 0  # peft tuner weights: lora_A/lora_B, IA3 vectors, ... (never the frozen base weight they wrap)
+    head: int = 0  # classifier head: the trainable copy in peft's modules_to_save, or the model's own head
+    prompt: int = 0  # prompt learning: virtual-token embeddings or the prompt encoder
+    other: int = 0  # any other trainable weight (full fine-tuning: the base model's own weights)
+    base: int = 0
+
+    @property
+    def trainable(self) -> int:
+        return self.adapter + self.head + self.prompt + self.other
+
+    def pct(self, count: int) -> float:
+        """``count`` as a percentage of the base model's parameters."""
+        return 100.0 * count / self.base if self.base else 0.0
+
+
+@dataclass
 class RunResult:
     """Everything measured for one method of an experiment."""
 
@@ -66,6 +89,9 @@ class RunResult:
     resumed: bool = False
     seed: int | None = None  # training seed of this run; several runs may share a name with different seeds
     predictions_file: str = ""  # test predictions, relative to the run directory ("" when not saved)
+    parameter_parts: ParameterParts | None = None  # trainable parameters by part (None in runs from before it)
+    # Where the run was tracked (training.report_to): mlflow_run_id, mlflow_tracking_uri, tensorboard_dir.
+    tracking: dict[str, str] = field(default_factory=dict)
 
     @property
     def trainable_pct(self) -> float:
@@ -75,6 +101,8 @@ class RunResult:
     def from_dict(cls, data: dict[str, Any]) -> "RunResult":
         data = dict(data)
         data["history"] = [EpochRecord(**h) for h in data.get("history", [])]
+        if isinstance(data.get("parameter_parts"), dict):
+            data["parameter_parts"] = ParameterParts(**data["parameter_parts"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -94,6 +122,8 @@ class ExperimentResult:
     generation_settings: dict[str, Any] = field(default_factory=dict)
     # Intervals and verdicts recomputed from the saved predictions by each report (see peftlab.stats).
     statistics: dict[str, Any] = field(default_factory=dict)
+    # Runs of the config with no result in the run directory yet: "<label> (being trained by ...)" / "(not run)".
+    missing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -89,6 +89,8 @@ class ExperimentStats:
     test_rows: int
     methods: list[MethodStats]
     notes: list[str] = field(default_factory=list)
+    # Macro F1 and accuracy of always predicting the test split's most frequent class: the floor a method must clear.
+    majority: dict[str, float] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodStats | None:
         return next((m for m in self.methods if m.name == name), None)
@@ -109,7 +111,7 @@ class ExperimentStats:
                                        never_predicted=dict(m["never_predicted"]), comparisons=comparisons))
         return cls(reference=data.get("reference"), confidence=data["confidence"],
                    bootstrap_samples=data["bootstrap_samples"], seed=data["seed"], test_rows=data["test_rows"],
-                   methods=methods, notes=list(data.get("notes", [])))
+                   methods=methods, notes=list(data.get("notes", [])), majority=dict(data.get("majority") or {}))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -140,6 +142,18 @@ def _scores(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[s
 def point_metrics(predictions: SavedPredictions) -> dict[str, float]:
     """Macro F1 and accuracy on the whole test split."""
     scores = _scores(predictions.true[None, :], predictions.predicted[None, :], len(predictions.labels))
+    return {metric: float(values[0]) for metric, values in scores.items()}
+
+
+def majority_metrics(predictions: SavedPredictions) -> dict[str, float]:
+    """Macro F1 and accuracy of predicting the most frequent true class for every test row.
+
+    A method at this floor has learnt nothing but the class balance; with ``k`` classes and a majority share
+    ``p`` it is ``(2p / (1 + p)) / k`` macro F1 and ``p`` accuracy (ties: the first class).
+    """
+    counts = np.bincount(predictions.true, minlength=len(predictions.labels))
+    constant = np.full_like(predictions.true, int(np.argmax(counts)))
+    scores = _scores(predictions.true[None, :], constant[None, :], len(predictions.labels))
     return {metric: float(values[0]) for metric, values in scores.items()}
 
 
@@ -280,7 +294,8 @@ def experiment_statistics(runs: Sequence[tuple[str, int | None, SavedPredictions
                 estimate = metrics[m].estimate - _seed_mean(reference_predictions, m)
                 stats.comparisons[m] = _compare(m, reference, estimate, values[m] - reference_values[m], confidence)
         methods.append(stats)
-    return ExperimentStats(reference, confidence, samples, seed, len(everything[0]), methods, notes)
+    return ExperimentStats(reference, confidence, samples, seed, len(everything[0]), methods, notes,
+                           majority_metrics(everything[0]))
 
 
 def _never_predicted(seeds: Sequence[SavedPredictions]) -> dict[str, int]:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from peftlab import artifacts
+from peftlab import artifacts, tracking
 from peftlab.config import ExperimentConfig, MethodName
+from peftlab.console import training_display, wants_hf_logs, wants_progress
 from peftlab.data import PreparedData
 from peftlab.dist import is_main_process
 from peftlab.errors import ConfigError, MethodError
@@ -34,8 +35,9 @@ from peftlab.evaluate import (
     perplexity,
     softmax,
 )
-from peftlab.methods import MethodContext, apply_method
+from peftlab.methods import MethodContext, apply_method, save_weights
 from peftlab.models import load_base_model, resolve_dtype
+from peftlab.params import parameter_parts
 from peftlab.results import PREDICTIONS_FILE, EpochRecord, RunResult, SavedPredictions, save_predictions
 
 logger = logging.getLogger(__name__)
@@ -250,7 +252,8 @@ def _finite_guard(learning_rate: float, method: str) -> Any:
 
 
 def training_arguments(config: ExperimentConfig, base: BaseModelSpec, output_dir: Path, learning_rate: float = 0.0,
-                       metric: str = "loss", restore_best: bool = False) -> Any:
+                       metric: str = "loss", restore_best: bool = False, report_to: tuple[str, ...] | list[str] = (),
+                       run_name: str | None = None) -> Any:
     """The ``TrainingArguments`` of every Trainer peftlab builds, so their losses are measured alike.
 
     Args:
@@ -260,6 +263,8 @@ def training_arguments(config: ExperimentConfig, base: BaseModelSpec, output_dir
         learning_rate: the method's; 0 for a Trainer that only evaluates (the base model's baseline).
         metric: the validation metric that picks the best epoch.
         restore_best: reload the best epoch's checkpoint when training ends.
+        report_to: the trackers to log to (``training.report_to`` for a method's run; none for tuning trials).
+        run_name: the tracking run's name.
     """
     import torch
     from transformers import TrainingArguments
@@ -296,14 +301,24 @@ def training_arguments(config: ExperimentConfig, base: BaseModelSpec, output_dir
         dataloader_num_workers=training.dataloader_num_workers,
         bf16=use_bf16,  # mixed precision on GPUs that support bf16; fp32 on CPU (bf16 is ~3x slower there)
         use_cpu=not on_gpu,
-        report_to="none",
+        report_to=list(report_to) or "none",
+        run_name=run_name,
         # Under DDP the default averages token counts across processes and reported a world-size-times
         # too large eval loss for sequence classification (transformers 5.23); per-process means are right.
         average_tokens_across_devices=False,
         remove_unused_columns=False,
         label_names=["labels"],
-        disable_tqdm=False,
+        # No tqdm: the Trainer's bars nest (one per evaluation) under each other; peftlab.console shows one line.
+        disable_tqdm=True,
     )
+
+
+def quiet_trainer(trainer: Any) -> None:
+    """Drop the Trainer's dict logs (``{'eval_loss': ...}``, its PrinterCallback) unless ``--verbose``."""
+    from transformers import PrinterCallback
+
+    if not wants_hf_logs():
+        trainer.remove_callback(PrinterCallback)
 
 
 def train_method(config: ExperimentConfig, method_config: Any, data: PreparedData, base: BaseModelSpec,
@@ -351,6 +366,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
                             total_steps=total_steps, tokenizer=base.tokenizer)
     model = apply_method(model, method_config, context)
     trainable, total = _count_parameters(model)
+    parts = parameter_parts(model)  # adapter / head / prompt / other, for results.json and the report
     logger.info("%s: %s trainable of %s parameters (%.3f%%)", name, f"{trainable:,}", f"{total:,}",
                 100 * trainable / total)
 
@@ -360,11 +376,16 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     # fits the model: it keeps its final epoch instead of the best one.
     restore_best = method_config.method != MethodName.ADALORA.value
     on_gpu = torch.cuda.is_available()
+    label = tracking.run_name(name, training.seed, training.run_seeds)
+    # Tuning trials choose settings on the validation split: only the final runs are tracked.
     args = training_arguments(config, base, method_dir / CHECKPOINTS, learning_rate=method_config.learning_rate,
-                              metric=metric, restore_best=restore_best)
+                              metric=metric, restore_best=restore_best,
+                              report_to=training.report_to if evaluate_test else (), run_name=label)
     collator = causal_lm_collator(base.tokenizer) if not classify else DataCollatorWithPadding(base.tokenizer)
     step_timer = _step_timer()
-    extra_callbacks, callbacks = list(callbacks), [step_timer, _finite_guard(method_config.learning_rate, name)]
+    recorder = tracking.recorder(args.report_to)
+    extra_callbacks = list(callbacks)
+    callbacks = [step_timer, _finite_guard(method_config.learning_rate, name), recorder]
     if training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     if method_config.method == MethodName.ADALORA.value:
@@ -381,6 +402,10 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         compute_loss_func=_weighted_cross_entropy(weights) if weights is not None else None,
         callbacks=callbacks,
     )
+    quiet_trainer(trainer)
+    display = training_display(label, metric) if wants_progress() else None
+    if display is not None:
+        trainer.add_callback(display)
 
     # -- train, resuming from the newest checkpoint when asked.
     checkpoint = _last_complete_checkpoint(method_dir / CHECKPOINTS) if resume else None
@@ -388,7 +413,12 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         logger.info("%s: resuming from %s", name, checkpoint)
     with PeakMemory() as memory:
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        try:
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+        finally:
+            if display is not None:
+                display.close()  # after a failure too: the terminal gets its cursor back
+            tracking.detach(trainer)
         wall = time.perf_counter() - started
     peak_accelerator = int(torch.cuda.max_memory_allocated()) if on_gpu else None
     optimizer_bytes = _optimizer_state_bytes(trainer.optimizer)
@@ -410,7 +440,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         peak_accelerator_bytes=peak_accelerator, trainable_params=trainable, total_params=total,
         optimizer_state_bytes=optimizer_bytes, best_epoch=best.epoch if best else None,
         best_metric_name=metric, best_metric=_metric_value(best, metric) if best else None, history=history,
-        resumed=checkpoint is not None, seed=training.seed,
+        resumed=checkpoint is not None, seed=training.seed, parameter_parts=parts, tracking=dict(recorder.ids),
     )
     if evaluate_test:
         _evaluate_test(trainer, tokenized["test"], data, result, classify, method_dir)
@@ -421,7 +451,7 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
         # The test metrics are known here (evaluated above), so the model card carries them; the report step
         # rewrites it with their intervals (artifacts.write_model_card).
         artifacts.save_folder(model_dir, trainer.model, base.tokenizer, _metadata(config, method_config, base, data),
-                              result=result)
+                              result=result, save_weights=save_weights)
         result.model_size_bytes = artifacts.saved_size(model_dir)
         result.output_dir = str(model_dir.relative_to(method_dir.parent))
         shutil.rmtree(method_dir / CHECKPOINTS, ignore_errors=True)

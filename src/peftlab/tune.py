@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -448,7 +449,7 @@ def _method_study(config: ExperimentConfig, method_config: Any, study: Any) -> M
 
 
 def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None = None, storage: str | None = None,
-         resume: bool = False, name: str | None = None, pruner: Any = None) -> StudyResult:
+         resume: bool = False, name: str | None = None, pruner: Any = None, workers: int = 1) -> StudyResult:
     """Tune each selected method on the validation split and write ``tuned.yaml``, the study and its report.
 
     Args:
@@ -460,6 +461,10 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
         resume: continue the studies of an existing tune directory; finished trials count toward the budget.
         name: the experiment's name (``tuned.yaml`` is named ``<name>-tuned`` unless the config has a name).
         pruner: an Optuna pruner to use instead of the one ``tune.pruner`` describes (for the Python API).
+        workers: run up to this many trials at once, each worker a child process on its own GPU (or with
+            ``cores // workers`` CPU threads), all on the one storage and budget. The trials then see each other's
+            results in another order than one after another, so the sampled settings (not the budget) differ from
+            ``workers=1``.
 
     Returns:
         The :class:`StudyResult` written to ``tune_dir/study.json``.
@@ -471,15 +476,22 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     import optuna
 
     from peftlab.cpu import configure_threads
-    from peftlab.evaluate import GREATER_IS_BETTER
-    from peftlab.experiment import _select, environment, load_inputs, start_run_dir
+    from peftlab.experiment import _select, environment, start_run_dir
     from peftlab.report import render_data_report_console, write_study_report
-    from peftlab.train import BaseModelSpec, tokenize_splits
 
     configure_threads()
     if world_size() > 1:
         raise ConfigError("peftlab tune runs in one process per worker, not under torchrun/accelerate launch; start "
                           "several `peftlab tune --storage URL` processes to tune in parallel")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give 1 or more (how many trials run at once)")
+    if workers > 1 and pruner is not None:
+        raise ConfigError("a pruner object cannot be handed to worker processes: set tune.pruner in the config, or "
+                          "use workers=1")
+    if workers > config.tune.trials:
+        logger.warning("--workers %d is more than the %d trial(s) per method; using %d", workers, config.tune.trials,
+                       config.tune.trials)
+        workers = config.tune.trials
     selected = _select(config, methods)
     for method_config in selected:
         _space(config, method_config)  # an override naming an unknown parameter fails here, before any write
@@ -489,27 +501,20 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
     if resume and (tune_dir / rundir.CONFIG).is_file():
         check_same_tuning(tune_dir, config)
 
-    folder, tokenizer, data = load_inputs(config)
-
-    classify = config.task == "classification"
-    metric = config.training.metric_for_best_model if classify else "loss"
-    # Only train and validation are tokenised; the trials get a test split that raises when touched.
-    tokenized = {**tokenize_splits(dataclasses.replace(data, test=data.validation), tokenizer,
-                                   config.data.max_length, config.task),
-                 "test": _Sealed("the tokenised test split")}
-    base = BaseModelSpec.from_config(config, folder, tokenizer)
-    inputs = _Inputs(data=dataclasses.replace(data, test=_Sealed("data.test")), base=base, tokenized=tokenized,
-                     metric=metric, direction="maximize" if GREATER_IS_BETTER[metric] else "minimize")
-    env = environment(config)
+    inputs, data = _tuning_inputs(config)
+    env = {**environment(config), "workers": workers}
 
     with rundir.hold(tune_dir, takeover=resume):
         start_run_dir(tune_dir, config, env, data, overwrite=False, resume=resume)
         render_data_report_console(data.report)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # peftlab logs each trial itself
         opened = _open_storage(spec)
+        if workers > 1:
+            _run_trial_workers(config, selected, storage, tune_dir, workers)
         studies = []
         for method_config in selected:
             rundir.check_intact(tune_dir)
+            # After workers: the budget is spent and this only loads the study, unless a killed worker left a slot.
             study = _run_study(config, method_config, inputs, spec, opened, tune_dir, pruner)
             studies.append(_method_study(config, method_config, study))
         shutil.rmtree(tune_dir / TRIALS, ignore_errors=True)
@@ -522,11 +527,85 @@ def tune(config: ExperimentConfig, tune_dir: Path, *, methods: list[str] | None 
         seed = config.tune.seed if config.tune.seed is not None else config.training.seed
         startup = config.tune.startup_trials or max(1, min(10, config.tune.trials // 3))
         result = StudyResult(
-            name=config.name or name or tune_dir.name, metric=metric, budget=config.tune.trials, storage=spec.shown,
+            name=config.name or name or tune_dir.name, metric=inputs.metric, budget=config.tune.trials,
+            storage=spec.shown,
             sampler=f"TPE (seed {seed}, {startup} random start-up trial(s), sampler reseeded per trial number)",
             pruner=_describe_pruner(config, pruner), methods=studies, tuned_config=TUNED, environment=env)
         write_study_report(result, tune_dir)
     return result
+
+
+def _tuning_inputs(config: ExperimentConfig) -> tuple[_Inputs, Any]:
+    """What every trial shares (the test split sealed), and the prepared data."""
+    from peftlab.evaluate import GREATER_IS_BETTER
+    from peftlab.experiment import load_inputs
+    from peftlab.train import BaseModelSpec, tokenize_splits
+
+    folder, tokenizer, data = load_inputs(config)
+    classify = config.task == "classification"
+    metric = config.training.metric_for_best_model if classify else "loss"
+    # Only train and validation are tokenised; the trials get a test split that raises when touched.
+    tokenized = {**tokenize_splits(dataclasses.replace(data, test=data.validation), tokenizer,
+                                   config.data.max_length, config.task),
+                 "test": _Sealed("the tokenised test split")}
+    base = BaseModelSpec.from_config(config, folder, tokenizer)
+    inputs = _Inputs(data=dataclasses.replace(data, test=_Sealed("data.test")), base=base, tokenized=tokenized,
+                     metric=metric, direction="maximize" if GREATER_IS_BETTER[metric] else "minimize")
+    return inputs, data
+
+
+def _run_trial_workers(config: ExperimentConfig, selected: list[Any], storage: str | None, tune_dir: Path,
+                       workers: int) -> None:
+    """``workers`` child processes take trials of each method in turn from the one storage, until its budget is
+    spent; each writes its output to ``TUNE_DIR/worker-<i>.log``. A worker that dies costs its running trial
+    (recorded as interrupted, its slot run again)."""
+    from peftlab.worker import slots, start_child
+
+    spec = {"config": config.model_dump(mode="json"), "methods": [m.run_name for m in selected], "storage": storage,
+            "tune_dir": str(tune_dir), "log_level": logging.getLogger("peftlab").getEffectiveLevel(),
+            "parent_pid": os.getpid()}
+    code = "import sys; from peftlab.tune import trial_worker_main; sys.exit(trial_worker_main())"
+    children = []
+    try:
+        for index, slot in enumerate(slots(workers, groups=False)):
+            log = tune_dir / f"worker-{index}.log"
+            logger.info("tuning worker %d on %s; its output: %s", index, slot.label, log)
+            children.append((index, log, start_child(["-c", code], spec, slot=slot, log=log)))
+        for index, log, child in children:
+            if child.wait() != 0:
+                logger.warning("tuning worker %d exited with code %s (see %s); its unfinished trial is run again",
+                               index, child.returncode, log)
+    except BaseException:
+        for _, _, child in children:
+            if child.poll() is None:
+                child.kill()
+        raise
+
+
+def trial_worker_main() -> int:
+    """A tuning worker's child process: the spec on stdin; trials of each method until its budget is spent."""
+    import optuna
+
+    from peftlab.cpu import configure_threads
+    from peftlab.worker import child_setup
+
+    spec = json.loads(sys.stdin.read())
+    child_setup(spec)
+    try:
+        configure_threads()
+        config = load_config(data=spec["config"])
+        tune_dir = Path(spec["tune_dir"])
+        storage = _storage_spec(spec["storage"], tune_dir)
+        inputs, _ = _tuning_inputs(config)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        opened = _open_storage(storage)
+        for name in spec["methods"]:
+            rundir.check_intact(tune_dir)
+            _run_study(config, config.method(name), inputs, storage, opened, tune_dir, None)
+    except PeftlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
 
 
 def _describe_pruner(config: ExperimentConfig, pruner: Any) -> str:
@@ -581,7 +660,7 @@ def check_same_tuning(tune_dir: Path, config: ExperimentConfig) -> None:
 
 def tune_and_run(config: ExperimentConfig, run_dir: Path, *, methods: list[str] | None = None,
                  storage: str | None = None, overwrite: bool = False, resume: bool = False,
-                 name: str | None = None) -> tuple[StudyResult, ExperimentResult]:
+                 name: str | None = None, workers: int = 1) -> tuple[StudyResult, ExperimentResult]:
     """``peftlab run --tune``: tune in ``RUN_DIR-tune``, then run ``tuned.yaml`` in ``run_dir``.
 
     The run directory's lock is held from the first trial to the report, so no other run can start in it
@@ -599,12 +678,12 @@ def tune_and_run(config: ExperimentConfig, run_dir: Path, *, methods: list[str] 
     rundir.refuse_existing(run_dir, overwrite=overwrite, resume=resume)  # fail fast, before tuning for hours
     with rundir.hold(run_dir, takeover=resume or overwrite):
         study = tune(config, tune_dir_for(run_dir), methods=methods, storage=storage, resume=resume or overwrite,
-                     name=name)
+                     name=name, workers=workers)
         tuned = load_config(tune_dir_for(run_dir) / TUNED)
         if resume and (run_dir / rundir.CONFIG).is_file():
             _check_same_methods(run_dir, tuned)
         experiment = run_experiment(tuned, run_dir, overwrite=overwrite, resume=resume, methods=methods,
-                                    lock_held=True)
+                                    lock_held=True, workers=workers)
     return study, experiment
 
 

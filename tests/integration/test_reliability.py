@@ -125,9 +125,11 @@ def test_two_runs_on_one_run_directory_one_proceeds(tmp_path: Path) -> None:
     assert not (tmp_path / ".out.lock").exists()  # released when the winner finished
 
     # --overwrite while another run trains there is refused as well, and the training run is not disturbed.
+    # (The run lock is held only while a run sets up and writes its report; while it trains, its claim on each
+    # of its methods is what stands, .out.claims/<method>.lock.)
     training = peftlab("run", str(config), "--output", str(out), "--overwrite")
     deadline = time.time() + 120
-    while not (tmp_path / ".out.lock").exists():
+    while not (tmp_path / ".out.claims" / "lora.lock").exists():
         assert training.poll() is None and time.time() < deadline
         time.sleep(0.05)
     intruder = peftlab("run", str(config), "--output", str(out), "--overwrite")

@@ -71,6 +71,7 @@ def test_every_method_trains_and_is_measured(finished_run: tuple[Path, object]) 
         assert set(run.test_metrics) == {"loss", "accuracy", "precision_macro", "recall_macro", "f1_macro"}
         assert sum(map(sum, run.confusion_matrix)) == 9
         assert run.optimizer_state_bytes > 0
+        assert run.parameter_parts is not None and run.parameter_parts.trainable == run.trainable_params
         if run.name != "full":
             assert run.trainable_params < full.trainable_params
             assert run.model_size_bytes < full.model_size_bytes

@@ -17,6 +17,7 @@ from peftlab.stats import (
     bootstrap_interval,
     experiment_statistics,
     macro_f1,
+    majority_metrics,
     paired_comparison,
     resampled_metrics,
 )
@@ -179,3 +180,12 @@ def test_unknown_reference_names_the_methods() -> None:
         load_config(data=config_tree(report={"reference": "ful"}))
     with pytest.raises(ConfigError, match="report.confidence"):
         load_config(data=config_tree(report={"confidence": 1.5}))
+
+
+def test_majority_floor_by_hand() -> None:
+    """10 rows, 5 of them class 2: always "positive" has F1 2*5/(5+10) = 2/3 on it, 0 elsewhere."""
+    true = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+    floor = majority_metrics(predictions(true, true))
+    assert floor == pytest.approx({"f1_macro": (2 / 3) / 3, "accuracy": 0.5})
+    stats = experiment_statistics([("a", None, predictions(true, true))], reference=None, samples=10)
+    assert stats.majority == floor
