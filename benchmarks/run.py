@@ -611,17 +611,21 @@ def render_serve(results: dict[str, Any]) -> list[str]:
         lines += ["How far rows share a pass, in this process through the registry: one batch with each of 16 "
                   "adapters present, in each mixing mode (one gathered pass for every row; prompt-tuning rows in a "
                   "pass of their own, so that they do not lengthen the others'; one per method, the way for methods "
-                  "that could not share a pass; one per adapter, no gathering). Medians of "
+                  "that could not share a pass; one per adapter, no gathering); the reference is the same texts "
+                  "with one adapter per method, one plain pass each: what the mix would cost if it were no mix. "
+                  "Medians of "
                   f"{next(iter(modes.values()))['rounds']} interleaved rounds:", "",
-                  "| adapters | texts | " + " | ".join(labels.values()) + " | fastest |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "| adapters | texts | " + " | ".join(labels.values()) + " | fastest | one adapter per method "
+                  "(reference) | reference / fastest |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         fastest = {}
         for key, m in modes.items():
             mix = " + ".join(f"{n} {method}" for method, n in m["methods"].items())
             cells = [f"{m['ms'][mode]:.0f} ms ({m['passes'][mode]} pass{'es' if m['passes'][mode] != 1 else ''})"
                      if mode in m["ms"] else "-" for mode in labels]
             fastest[key] = min(m["ms"], key=m["ms"].get)
-            lines.append(f"| {mix} | {m['texts']} | " + " | ".join(cells) + f" | {labels[fastest[key]]} |")
+            lines.append(f"| {mix} | {m['texts']} | " + " | ".join(cells) + f" | {labels[fastest[key]]} | "
+                         f"{m['single_ms']:.0f} ms ({m['single_passes']} pass{'es' if m['single_passes'] != 1 else ''})"
+                         f" | {m['single_ms'] / m['ms'][fastest[key]]:.2f}x |")
         default = "tokens"  # AdapterStore(mixing=...)'s default: keep it the measured fastest
         wins = Counter(fastest.values())
         verdict = (f"Fastest: {labels[default]} in {wins[default]} of {len(fastest)} cases; the others: "

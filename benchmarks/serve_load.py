@@ -1,6 +1,6 @@
 """Serving throughput and latency of `peftlab serve` with 1 to 64 adapters on one base model, LoRA alone and a mix.
 
-    python benchmarks/serve_load.py [--requests 900] [--rounds 3] [--clients 16] [--poisoning-only]
+    python benchmarks/serve_load.py [--requests 1200] [--rounds 6] [--clients 16] [--poisoning-only]
 
 Every case is a real ``peftlab serve --eager --max-loaded 0`` process on a free port, with only that case's
 adapters in its folder (random adapters on minilm-l6 from ``serve_memory.make_adapters``: LoRA r=8 on
@@ -17,8 +17,9 @@ and p95 latency, the forward passes and batches the server counted, and its resi
 
 In this process: for 16 adapters of each of LoRA, IA3 and prompt tuning and for the 16-adapter mix, one batch
 of rows (16 and 64 texts, every adapter present) through the registry in each mixing mode (one gathered pass for
-all rows, one per method, one per adapter), in interleaved rounds; and one forward pass of a merged LoRA model
-against the same adapter unmerged.
+all rows, prompt rows apart, one per method, one per adapter), and the same texts with one adapter per method
+(the reference), in interleaved rounds; and one forward pass of a merged LoRA model against the same adapter
+unmerged.
 Prints one JSON line. The load generator shares the machine's cores with the server, as a client on the same
 host would.
 
@@ -258,24 +259,33 @@ def mixing_modes(root: Path, folders: dict[str, list[Path]], rounds: int = 7) ->
         assert registry.ready, registry.error
         names = sorted(registry.entries)
         modes = ("one", "tokens", "method", "adapter") if len(counts) > 1 else ("one", "adapter")
+        firsts = {method: next(n for n in names if n.startswith(f"{method}-")) for method in counts}
         for texts in (16, 64):
             rows = [(names[i % len(names)], TEXTS[i % len(TEXTS)]) for i in range(texts)]
-            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            # The reference: the same texts, each method's rows all for one adapter of it (as many rows per
+            # method as in the mix), so one plain pass per method.
+            singles = {method: [(firsts[method], text) for (name, text) in rows if name.startswith(f"{method}-")]
+                       for method in counts}
+            times: dict[str, list[float]] = {mode: [] for mode in (*modes, "single")}
             passes: dict[str, int] = {}
             for round_ in range(rounds + 1):
-                for mode in modes:
-                    registry.mixing = mode
+                for mode in (*modes, "single"):
+                    registry.mixing = "tokens" if mode == "single" else mode
                     before = registry.forward_passes
                     started = time.perf_counter()
-                    results = registry.classify(rows)
+                    batches = list(singles.values()) if mode == "single" else [rows]
+                    for batch in batches:
+                        results = registry.classify(batch)
+                        assert all(isinstance(r, dict) for r in results), results[:2]
                     elapsed = time.perf_counter() - started
-                    assert all(isinstance(r, dict) for r in results), results[:2]
                     passes[mode] = registry.forward_passes - before
                     if round_:  # the first round is the warm-up
                         times[mode].append(elapsed)
             out[f"{label}_batch{texts}"] = {
                 "set": label, "methods": counts, "texts": texts, "rounds": rounds,
-                "ms": {mode: 1000 * statistics.median(times[mode]) for mode in modes}, "passes": passes}
+                "ms": {mode: 1000 * statistics.median(times[mode]) for mode in modes},
+                "single_ms": 1000 * statistics.median(times["single"]), "single_passes": passes.pop("single"),
+                "passes": passes}
         del registry
     return out
 
@@ -304,8 +314,8 @@ def merged_vs_unmerged(folder: Path, repeats: int = 20) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=900, help="timed requests per case, over all rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds the requests are split into")
+    parser.add_argument("--requests", type=int, default=1200, help="timed requests per case, over all rounds")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds the requests are split into")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per server and in this process (OMP_NUM_THREADS). 1: the cases are "

@@ -42,9 +42,8 @@ def expected_predictions(adapters_dir: Path, names: Any, texts: list[str]) -> di
 
 
 def make_adapter(base: Path, folder: Path, method: str, *, labels: list[str] | None = None, seed: int = 0,
-                 scale: float = 0.3, max_length: int = 48, config: Any = None) -> Path:
-    """Save a random ``method`` adapter for sequence classification on ``base`` into ``folder``
-    (``config``: a peft config to use instead of :func:`peft_config`'s)."""
+                 scale: float = 0.3, max_length: int = 48) -> Path:
+    """Save a random ``method`` adapter for sequence classification on ``base`` into ``folder``."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -54,7 +53,7 @@ def make_adapter(base: Path, folder: Path, method: str, *, labels: list[str] | N
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={n: i for i, n in enumerate(labels)})
-    model = get_peft_model(model, config or peft_config(method))
+    model = get_peft_model(model, peft_config(method))
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:  # adapter weights and the head copy: make them differ per adapter
