@@ -587,11 +587,11 @@ def render_serve(results: dict[str, Any]) -> list[str]:
     lora16 = cases["lora-16"]["requests_per_s"] / one["requests_per_s"]
     mix = cases["mix-16"]
     baseline = _mix_baseline(cases, mix["methods"])
-    lines += ["", f"**Throughput: mixed traffic over 16 LoRA adapters at {lora16:.2f}x the requests/s of one LoRA "
+    lines += ["", f"**Throughput: mixed traffic over 16 LoRA adapters at {lora16:.3f}x the requests/s of one LoRA "
               f"adapter** (target 0.9x: {_met(lora16 >= 0.9)})."]
     if baseline is not None:
         ratio = mix["requests_per_s"] / baseline
-        lines += ["", f"**The 16-adapter mix of LoRA, IA3 and prompt tuning at {ratio:.2f}x the requests/s of the "
+        lines += ["", f"**The 16-adapter mix of LoRA, IA3 and prompt tuning at {ratio:.3f}x the requests/s of the "
                   "same traffic served by one adapter of each method alone** (target 0.9x: "
                   f"{_met(ratio >= 0.9)}; that baseline is {baseline:.0f} requests/s, the one-adapter cases "
                   f"weighted by the mix's shares, since a prompt-tuning row is longer by its virtual tokens); "
@@ -627,13 +627,20 @@ def render_serve(results: dict[str, Any]) -> list[str]:
                          f"{m['single_ms']:.0f} ms ({m['single_passes']} pass{'es' if m['single_passes'] != 1 else ''})"
                          f" | {m['single_ms'] / m['ms'][fastest[key]]:.2f}x |")
         default = "tokens"  # AdapterStore(mixing=...)'s default: keep it the measured fastest
-        wins = Counter(fastest.values())
-        verdict = (f"Fastest: {labels[default]} in {wins[default]} of {len(fastest)} cases; the others: "
-                   + ("; ".join(f"{k.replace('_batch', ', ')} texts: {labels[v]}" for k, v in fastest.items()
-                                 if v != default) or "none")
-                   + f". The server runs \"{labels[default]}\" (`mixing=\"{default}\"`, the default); methods it "
-                   "cannot gather (DoRA, LoHa, prefix tuning, ...) run one pass per adapter, in the same scheduling "
-                   "step.")
+        single = {k: m for k, m in modes.items() if len(m["methods"]) == 1}
+        mixes = {k: m for k, m in modes.items() if len(m["methods"]) > 1}
+        gains = [m["ms"]["adapter"] / m["ms"]["one"] for m in single.values()]
+        verdict = ""
+        if gains:
+            verdict = (f"For one method, one gathered pass is {min(gains):.1f}x to {max(gains):.1f}x faster than one "
+                       "pass per adapter. ")
+        verdict += "For the mix, the fastest was " + "; ".join(
+            f"{labels[fastest[k]]} at {m['texts']} texts" for k, m in mixes.items()) + (
+            f". The server runs \"{labels[default]}\" (`mixing=\"{default}\"`, the default"
+            + (", the fastest at 16 texts, about the batches of the load cases above"
+               if fastest.get("mix_batch16") == default else "; **not** the fastest at 16 texts in this run")
+            + "); methods it cannot gather (DoRA, LoHa, prefix tuning, ...) run one pass per adapter, in the same "
+            "scheduling step.")
         lines += ["", verdict, ""]
     shared = {row["count"]: row for row in memory["shared"]}
     naive = {row["count"]: row for row in memory["naive"]}
