@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import threading
@@ -101,11 +102,11 @@ def test_a_long_generation_does_not_hold_up_classify_requests(llama_adapters: tu
                                                              one_thread: None) -> None:
     """p95 classify latency with one long generation in flight stays near the p95 without it.
 
-    Measured on the shared 2-core machine (load average 6-8 from other jobs), in four runs: p95 43-59 ms without
-    a generation and 43-63 ms during one, 1.0x to 1.3x. Before this, generation held the lock classification
-    needs, and every classify request waited for the whole generation (two requests took 51 s each). With only
-    separate locks, not yet yielding, the two shared the cores and the p95 was 3.1-3.5x. The bound is generous
-    (3x) so that a noisy machine does not fail it.
+    Measured on the shared 2-core machine (load average about 2 from other jobs), four runs: p95 14-26 ms
+    without a generation, 27-34 ms during one (1.2x to 2.1x: the two threads share the cores and the GIL).
+    Before, generation held the lock classification needs, and every classify request waited for the whole
+    generation (two requests took 51 s each). With separate locks but no yielding, the p95 was 3.1-3.5x on
+    the busier machine (load 6-8). The bound is generous (3x) so that a noisy machine does not fail it.
     """
     base, adapters = llama_adapters
     app = create_app(str(base), adapters, eager=True, max_loaded=0, batch_window_ms=2,
@@ -144,5 +145,5 @@ def test_a_long_generation_does_not_hold_up_classify_requests(llama_adapters: tu
         f"only {len(during)} classify requests finished during the generation: it blocked them, or was too short")
     # ... and about as fast as without it.
     assert p95(during) < 3 * p95(alone), (p95(during), p95(alone))
-    print(f"classify p95 alone {1000 * p95(alone):.0f} ms, during a generation of {prompts} x 128 tokens "
-          f"{1000 * p95(during):.0f} ms")
+    logging.getLogger(__name__).info("classify p95 alone %.0f ms, during a generation of %d x 128 tokens %.0f ms",
+                                     1000 * p95(alone), prompts, 1000 * p95(during))

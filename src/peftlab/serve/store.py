@@ -67,9 +67,9 @@ class AdapterStore:
     Each task (classification, causal-lm) has its own lock (:meth:`lock_for`), held around every use of that
     task's models: loading, unloading, inference. Its groups and entries are that task's alone, so a
     generation never holds up a classify batch; only an eviction across tasks needs the other lock, and takes
-    it only if it is free. On the shared cores a generation also steps aside at each token while a classify
-    call runs (:meth:`classifying`, :meth:`yield_to_classify`): a classify request waits for one token, not for
-    a generation.
+    it only if it is free. On the shared cores a generation also steps aside before each module of each token
+    while a classify call runs (:meth:`classifying`, :meth:`yield_to_classify`): a classify request waits for one
+    module, not for a generation.
 
     Raises:
         AdapterError: ``adapters_dir`` holds no adapter.
@@ -102,7 +102,7 @@ class AdapterStore:
         self.forward_passes = 0  # for tests and /health: proof that rows share passes
         self._locks = {task: threading.RLock() for task in ("classification", "causal-lm")}
         self._count_lock = threading.Lock()
-        self._classifying = 0  # classify calls running; a generation waits for none before each token
+        self._classifying = 0  # classify calls running; a generation waits for none before each module
         self._classify_done = threading.Condition()
         self._groups: dict[tuple[str, str, bool, int], AdapterGroup] = {}
         self._shared: dict[str, Any] = {}
@@ -204,10 +204,16 @@ class AdapterStore:
                 self._classify_done.notify_all()
 
     def yield_to_classify(self, timeout_s: float = 1.0) -> None:
-        """Wait (at most ``timeout_s``) until no classify call runs: a generation calls it before each token, so a
-        classify batch gets the cores to itself, and generation still moves on under constant classify traffic."""
+        """Wait (at most ``timeout_s``) until no classify call runs: a generation calls it before each module of
+        each token, so a classify batch gets the cores to itself, and generation still moves on under constant
+        classify traffic. With none running it still lets go of the GIL for a moment (``sleep(0)``): a thread that
+        waits for it (a classify request being parsed, queued, answered) gets it now, not at the end of the
+        interpreter's 5 ms switch interval."""
         with self._classify_done:
-            self._classify_done.wait_for(lambda: self._classifying == 0, timeout=timeout_s)
+            if self._classifying:
+                self._classify_done.wait_for(lambda: self._classifying == 0, timeout=timeout_s)
+                return
+        time.sleep(0)
 
     def count_passes(self, count: int) -> None:
         """Add ``count`` forward passes to :attr:`forward_passes` (from either task's thread)."""
