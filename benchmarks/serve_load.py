@@ -257,7 +257,7 @@ def mixing_modes(root: Path, folders: dict[str, list[Path]], rounds: int = 7) ->
         registry.start(eager=True)
         assert registry.ready, registry.error
         names = sorted(registry.entries)
-        modes = ("one", "method", "adapter") if len(counts) > 1 else ("one", "adapter")
+        modes = ("one", "tokens", "method", "adapter") if len(counts) > 1 else ("one", "adapter")
         for texts in (16, 64):
             rows = [(names[i % len(names)], TEXTS[i % len(TEXTS)]) for i in range(texts)]
             times: dict[str, list[float]] = {mode: [] for mode in modes}

@@ -101,9 +101,11 @@ def test_a_long_generation_does_not_hold_up_classify_requests(llama_adapters: tu
                                                              one_thread: None) -> None:
     """p95 classify latency with one long generation in flight stays near the p95 without it.
 
-    Measured on the 2-core shared machine: p95 14 ms without a generation, 25 ms during one (1.8x; the two
-    share the cores). Before generation had its own lock, every classify request waited for the whole
-    generation (seconds). The bound is generous (3x) so that a noisy machine does not fail it.
+    Measured on the shared 2-core machine (load average 6-8 from other jobs), in four runs: p95 43-59 ms without
+    a generation and 43-63 ms during one, 1.0x to 1.3x. Before this, generation held the lock classification
+    needs, and every classify request waited for the whole generation (two requests took 51 s each). With only
+    separate locks, not yet yielding, the two shared the cores and the p95 was 3.1-3.5x. The bound is generous
+    (3x) so that a noisy machine does not fail it.
     """
     base, adapters = llama_adapters
     app = create_app(str(base), adapters, eager=True, max_loaded=0, batch_window_ms=2,

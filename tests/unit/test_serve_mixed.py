@@ -114,6 +114,8 @@ def test_one_pass_for_rows_of_lora_ia3_and_prompt_adapters_equals_one_pass_per_r
     assert len(firsts) > 3
     everything = tuple(n for n in models if n != "p6")
     expected = {"one": [mixed.Pass(everything, mixed.GATHERED), mixed.Pass(("p6",), mixed.ALONE)],
+                "tokens": [mixed.Pass(tuple(LORA) + tuple(IA3), mixed.GATHERED),
+                           mixed.Pass(("p4", "p4-b") + tuple(P_TUNING), mixed.GATHERED), mixed.Pass(("p6",), mixed.ALONE)],
                 "method": [mixed.Pass(tuple(LORA), mixed.GATHERED), mixed.Pass(tuple(IA3), mixed.GATHERED),
                            mixed.Pass(("p4", "p4-b"), mixed.GATHERED), mixed.Pass(("p6",), mixed.ALONE),
                            mixed.Pass(tuple(P_TUNING), mixed.GATHERED)],
@@ -129,7 +131,7 @@ def test_a_composite_head_runs_per_adapter_within_the_pass(tiny_bert: Path) -> N
     models = held(build(tiny_bert, LORA, roberta=True), build(tiny_bert, IA3, seed=1, roberta=True))
     tok = tokenizer(tiny_bert)
     rows = rows_for(list(models))
-    passes = mixed.plan(models)
+    passes = mixed.plan(models)  # LoRA and IA3 rows in one pass
     assert passes == [mixed.Pass(tuple(models), mixed.GATHERED)]
     np.testing.assert_allclose(run_plan(models, tok, rows, passes), per_row(models, tok, rows), atol=1e-5, rtol=0)
 
@@ -145,6 +147,17 @@ def test_what_cannot_be_gathered_runs_per_adapter_or_through_peft(tiny_bert: Pat
                       mixed.Pass(("d-b",), mixed.ALONE)]
     rows = rows_for(list(models))
     np.testing.assert_allclose(run_plan(models, tok, rows, passes), per_row(models, tok, rows), atol=1e-5, rtol=0)
+    # An adapter with a LoRA embedding layer beside gatherable ones in the same PeftModel: it runs alone, and the
+    # gathered pass is not changed by its layer even when it was the active adapter.
+    beside = held(tiny_models(tiny_bert, {**{n: make() for n, make in LORA.items()},
+                                          "e": peft.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                               target_modules=["query", "word_embeddings"])}))
+    passes = mixed.plan(beside)
+    assert passes == [mixed.Pass(tuple(LORA), mixed.GATHERED), mixed.Pass(("e",), mixed.ALONE)]
+    rows = rows_for(list(beside))
+    want = per_row(beside, tok, rows)
+    beside["e"].set_adapter("e")
+    np.testing.assert_allclose(run_plan(beside, tok, rows, passes), want, atol=1e-5, rtol=0)
     # A LoRA embedding layer is not gathered: peft's adapter_names where the method allows it, else one per adapter.
     embedded = held(tiny_models(tiny_bert, {n: peft.LoraConfig(task_type="SEQ_CLS", r=4,
                                                                 target_modules=["query", "word_embeddings"])

@@ -60,7 +60,7 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
                 mixes = {id(models[e.peft_name]): _peft_mixes(e) for e in entries}
                 by_peft_name = {entry.peft_name: entry for entry in entries}
                 for step_pass in mixed.plan(models, peft_mixes=lambda m, mixes=mixes: mixes[id(m)], mode=store.mixing,
-                                            known=store.gatherable):
+                                            cache=store.mixing_cache):
                     indices = [i for peft_name in step_pass.adapters for i in by_name[by_peft_name[peft_name].name]]
                     _run_rows(store, models, indices, rows, results, step_pass.how)
     return results  # type: ignore[return-value]
@@ -118,8 +118,8 @@ def _forward(store: AdapterStore, models: dict[str, Any], batch: list[int], rows
 
     inputs = _encode(store, [(store.entries[rows[i][0]], rows[i][1]) for i in batch])
     with torch.inference_mode():
-        logits = mixed.forward(models, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch],
-                               how).logits
+        logits = mixed.forward(models, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch], how,
+                               store.mixing_cache).logits
     store.count_passes(1)
     probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
     for index, row in zip(batch, probabilities):
@@ -164,13 +164,16 @@ def generate(store: AdapterStore, name: str, prompts: Sequence[str], max_new_tok
         store.ensure_loaded(entry, keep={name})
         model = store.group(entry).model
         model.set_adapter(entry.peft_name)
-        # Each generated token is one forward pass of the base: before each, let a running classify call finish.
-        hook = model.get_base_model().register_forward_pre_hook(lambda module, args: store.yield_to_classify())
+        # Before each module of each token's forward pass, let a running classify call finish: the two share
+        # the cores (and the GIL), and a classify request then waits for one module of one token at most.
+        hooks = [module.register_forward_pre_hook(lambda module, args: store.yield_to_classify())
+                 for module in model.get_base_model().modules()]
         try:
             # One prompt at a time, unpadded (peftlab.generate's choice): output never depends on batch mates.
             texts = generate_texts(Generator(model=model, tokenizer=store.tokenizer), list(prompts),
                                    max_new_tokens=max_new_tokens)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         store.count_passes(len(prompts))
     return texts

@@ -26,11 +26,10 @@ weights are untouched: the forwards are instance attributes, removed when the pa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["ALONE", "GATHERED", "MODES", "PEFT", "Pass", "forward", "plan"]
 
@@ -38,9 +37,10 @@ GATHERED = "gathered"  # this module's batched forwards: one pass for every row
 PEFT = "peft"  # peft's adapter_names: one pass, each layer looping over the adapters present
 ALONE = "alone"  # set_adapter and a plain pass: the rows of one adapter
 
-# How far gathering reaches: "one" pass for every gatherable row; one per "method" (PeftModel, and number of
-# virtual tokens); one per "adapter" (no gathering: the baseline it is measured against).
-MODES = ("one", "method", "adapter")
+# How far gathering reaches: "one" pass for every gatherable row; one per number of virtual "tokens" (rows of
+# prompt adapters apart from the others, whose pass they would lengthen); one per "method" (PeftModel, and number
+# of virtual tokens); one per "adapter" (no gathering: the baseline it is measured against).
+MODES = ("one", "tokens", "method", "adapter")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Pass:
 
 
 def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda model: False,
-         mode: str = "one", known: dict[str, bool] | None = None) -> list[Pass]:
+         mode: str = "tokens", cache: dict[Any, Any] | None = None) -> list[Pass]:
     """How the rows of some adapters share forward passes.
 
     Args:
@@ -61,8 +61,8 @@ def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda m
         peft_mixes: whether peft's own ``adapter_names`` is right for a PeftModel's adapters (the fallback for
             adapters this module cannot gather).
         mode: one of :data:`MODES`.
-        known: the caller's cache of whether each adapter can be gathered (what its layers are does not change
-            while it is loaded; the caller forgets an adapter it unloads).
+        cache: the caller's memo for :func:`plan` and :func:`forward` (which adapters can be gathered, where their
+            layers are); the caller empties it whenever an adapter is loaded or unloaded.
 
     Returns:
         The passes, together covering every adapter once.
@@ -75,10 +75,11 @@ def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda m
     by_model: dict[int, list[str]] = {}
     for name in names:
         by_model.setdefault(id(models[name]), []).append(name)
-    known = {} if known is None else known
+    cache = {} if cache is None else cache
     for name in names:
-        if name not in known:
-            known[name] = _gatherable(models[name], name)
+        if ("gatherable", name) not in cache:
+            cache["gatherable", name] = _gatherable(models[name], name)
+    known = {name: cache["gatherable", name] for name in names}
     gatherable: list[str] = []
     passes = []
     for members in by_model.values():
@@ -92,10 +93,14 @@ def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda m
     # the rows without, each other count has its own pass.
     tokens = {name: _virtual_tokens(models[name], name) for name in gatherable}
     counts = Counter(n for n in tokens.values() if n)
+    if mode == "one" and not all(_pools_first_token(models[n]) for n in gatherable):
+        mode = "tokens"  # a decoder's classifier reads its last text token through input_ids: prompts apart
     if mode == "one":
         joined = counts.most_common(1)[0][0] if counts else None
         parts = [[n for n in gatherable if tokens[n] in (0, joined)]]
         parts += [[n for n in gatherable if tokens[n] == count] for count in counts if count != joined]
+    elif mode == "tokens":
+        parts = [[n for n in gatherable if tokens[n] == count] for count in dict.fromkeys(tokens.values())]
     else:
         parts = [[n for n in gatherable if id(models[n]) == key and tokens[n] == count]
                  for key in by_model for count in dict.fromkeys(tokens[n] for n in by_model[key] if n in tokens)]
@@ -103,15 +108,16 @@ def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda m
     return [Pass(tuple(part), GATHERED if len(part) > 1 else ALONE) for part in parts] + passes
 
 
-def forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: Sequence[str], how: str) -> Any:
+def forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: Sequence[str], how: str,
+            cache: dict[Any, Any] | None = None) -> Any:
     """The output for ``inputs``, row i computed with adapter ``row_adapters[i]`` (in ``models[row_adapters[i]]``).
 
-    Call under ``torch.inference_mode()``; ``how`` is the row's :class:`Pass`'s.
+    Call under ``torch.inference_mode()``; ``how`` is the rows' :class:`Pass`'s; ``cache`` as :func:`plan`'s.
     """
     names = list(row_adapters)
     model = models[names[0]]
     if how == GATHERED and len(set(names)) > 1:
-        return _gathered_forward(models, inputs, names)
+        return _gathered_forward(models, inputs, names, {} if cache is None else cache)
     # The active adapter is one of the batch's: a layer holding none of them then runs its base alone (peft
     # skips an active adapter a layer lacks), as each row's own single-adapter pass would.
     if model.active_adapter != names[0]:
@@ -122,6 +128,14 @@ def forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: Seq
 
 
 # -- what can be gathered
+
+def _pools_first_token(model: Any) -> bool:
+    """Whether the classifier reads the first position (encoders: BERT, RoBERTa, ... ``classifier``), so that rows
+    padded at the end beside prompt rows are unchanged. Decoders' classifiers (``score``: Llama, GPT-2, ...) find
+    each row's last text token from ``input_ids``, which a pass with virtual tokens cannot give them."""
+    tree = model.get_base_model()
+    return hasattr(tree, "classifier") and not hasattr(tree, "score")
+
 
 def _virtual_tokens(model: Any, name: str) -> int:
     config = model.peft_config[name]
@@ -202,65 +216,92 @@ class _Rows:
         return self._cache[present]
 
 
-def _gathered_forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: list[str]) -> Any:
+def _gathered_forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: list[str],
+                     cache: dict[Any, Any]) -> Any:
     host = models[row_adapters[0]]
     tree = host.get_base_model()  # the skeleton with its peft layers: every tree shares the base tensors
+    present = set(row_adapters)
+    peft_models = {id(m): m for m in models.values()}
+    key = ("layout", id(host), tuple(sorted((id(m), tuple(m.peft_config)) for m in peft_models.values())))
+    if key not in cache:
+        cache[key] = _layout(tree, [m.get_base_model() for m in peft_models.values()])
     rows = _Rows(row_adapters, next(tree.parameters()).device)
-    owners = {name: models[name].get_base_model() for name in dict.fromkeys(row_adapters)}
-    with _patched(tree, owners, rows):
-        # The host's active adapter is a row's: its layers holding no row's adapter then run their base alone.
-        if host.active_adapter != row_adapters[0]:
+    replaced = []
+    try:
+        # Every site is replaced, those where no row's adapter is run their base alone: the host's active adapter
+        # then never matters (set_adapter walks every layer and adapter: its cost grows with the adapters held).
+        for site in cache[key].sites:
+            lora = {n: site.lora[n] for n in site.lora if n in present}
+            ia3 = {n: site.ia3[n] for n in site.ia3 if n in present}
+            heads = {n: site.heads[n] for n in site.heads if n in present}
+            if heads or (site.heads and not (site.lora or site.ia3)):
+                site.module.forward = functools.partial(_head_forward, site.base, heads, rows)
+            else:
+                site.module.forward = functools.partial(_layer_forward, site.base, lora, ia3, rows)
+            replaced.append(site.module)
+        if cache[key].others and host.active_adapter != row_adapters[0]:
+            # Layers of other kinds (an embedding's LoRA, ...) run peft's forward: a row's adapter is the active
+            # one, so they run their base alone unless it is theirs (it is not: the row is in a gathered pass).
             host.set_adapter(row_adapters[0])
-        prompts = {name: _prompt(models[name], name) for name in owners if models[name].peft_config[name]
-                   .is_prompt_learning}
+        prompts = {name: _prompt(models[name], name) for name in dict.fromkeys(row_adapters)
+                   if models[name].peft_config[name].is_prompt_learning}
         if not prompts:
             return tree(**inputs)
         return tree(**_with_virtual_tokens(tree, inputs, prompts, rows))
+    finally:
+        for module in replaced:
+            module.__dict__.pop("forward", None)
 
 
-@contextlib.contextmanager
-def _patched(tree: Any, owners: dict[str, Any], rows: _Rows) -> Iterator[None]:
-    """Within: every module of ``tree`` that some row's adapter adapts (in that adapter's own tree) runs each row
-    with its own adapter."""
+@dataclass
+class _Site:
+    """A module of the host tree that adapters adapt, and what each adapter has there (in its own tree)."""
+
+    module: Any  # the host's module whose forward is replaced for a pass
+    base: Any  # what computes its base output: the host's base layer (or original head, or the module itself)
+    lora: dict[str, Any] = field(default_factory=dict)  # adapter -> its lora.Linear at this path
+    ia3: dict[str, Any] = field(default_factory=dict)  # adapter -> its ia3.Linear at this path
+    heads: dict[str, Any] = field(default_factory=dict)  # adapter -> its head copy (modules_to_save) here
+
+
+@dataclass
+class _Layout:
+    sites: list[_Site]
+    others: bool  # the host has peft layers that are no site (their forward follows the active adapter)
+
+
+def _layout(tree: Any, trees: list[Any]) -> _Layout:
+    """Every module of ``tree`` (the host) that an adapter of ``trees`` adapts, found by module path: peft wraps a
+    module in place, so the same path names the same base module in every tree."""
     from peft.tuners.ia3.layer import Linear as IA3Linear
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
-    others = {id(t): t for t in owners.values()}
-    replaced = []
-    wrapped: list[str] = []  # paths of peft wrappers in the host: their insides are not the model's modules
+    sites, others = [], False
+    wrapped: tuple[str, ...] = ()  # peft wrappers in the host: what is inside them is not the model's own module
     for path, module in tree.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in wrapped):
+        if not path or path.startswith(wrapped):
             continue
         if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-            wrapped.append(path)
-        lora: list[tuple[Any, str]] = []
-        ia3: list[tuple[Any, str]] = []
-        heads: dict[str, Any] = {}
-        for other in others.values():
-            there = other.get_submodule(path) if path else other
-            if type(there) is LoraLinear:
-                lora += [(there, name) for name in owners if owners[name] is other and name in there.lora_A]
-            elif type(there) is IA3Linear:
-                ia3 += [(there, name) for name in owners if owners[name] is other and name in there.ia3_l]
-            elif isinstance(there, ModulesToSaveWrapper):
-                heads.update({name: there.modules_to_save[name] for name in owners
-                              if owners[name] is other and name in there.modules_to_save})
-        if not (lora or ia3 or heads):
-            continue
-        if heads:
-            original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-            module.forward = functools.partial(_head_forward, original, heads, rows)
+            wrapped += (path + ".",)
+        if isinstance(module, ModulesToSaveWrapper):
+            site = _Site(module, module.original_module)
         else:
-            base = module.base_layer if isinstance(module, BaseTunerLayer) else module
-            module.forward = functools.partial(_layer_forward, base, lora, ia3, rows)
-        replaced.append(module)
-    try:
-        yield
-    finally:
-        for module in replaced:
-            module.__dict__.pop("forward", None)
+            site = _Site(module, module.base_layer if isinstance(module, BaseTunerLayer) else module)
+        for other in trees:
+            there = other.get_submodule(path)
+            if type(there) is LoraLinear:
+                site.lora.update({name: there for name in there.lora_A})
+            elif type(there) is IA3Linear:
+                site.ia3.update({name: there for name in there.ia3_l})
+            elif isinstance(there, ModulesToSaveWrapper):
+                site.heads.update(there.modules_to_save)
+        if site.lora or site.ia3 or site.heads:
+            sites.append(site)
+        elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            others = True
+    return _Layout(sites, others)
 
 
 def _as_rows(x: Any, batch: int) -> Any:
@@ -273,23 +314,21 @@ def _call_base(base: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return type(base).forward(base, x, *args, **kwargs)
 
 
-def _layer_forward(base: Any, lora: list[tuple[Any, str]], ia3: list[tuple[Any, str]], rows: _Rows, x: Any,
-                   *args: Any, **kwargs: Any) -> Any:
+def _layer_forward(base: Any, lora: dict[str, Any], ia3: dict[str, Any], rows: _Rows, x: Any, *args: Any,
+                   **kwargs: Any) -> Any:
     """Each row's own adapter on a base layer: IA3 scaling of the input (feed-forward) or output, or a LoRA update
     (a row has one adapter: the others multiply it by exact ones and add exact zeros)."""
-    import torch
-
-    scale_in = [(layer, name) for layer, name in ia3 if layer.is_feedforward]
-    scale_out = [(layer, name) for layer, name in ia3 if not layer.is_feedforward]
+    if not (lora or ia3):
+        return _call_base(base, x, *args, **kwargs)
+    scale_in = {name: layer for name, layer in ia3.items() if layer.is_feedforward}
+    scale_out = {name: layer for name, layer in ia3.items() if not layer.is_feedforward}
     layer_input = x
     if scale_in:
-        vectors = _rows_of(rows, [layer.ia3_l[name].flatten() for layer, name in scale_in],
-                           [name for _, name in scale_in], "ones")
+        vectors = _rows_of(rows, {name: layer.ia3_l[name].flatten() for name, layer in scale_in.items()}, 1.0)
         layer_input = (x.to(vectors.dtype) * vectors.view(_broadcast(x, vectors))).to(x.dtype)
     result = _call_base(base, layer_input, *args, **kwargs)
     if scale_out:
-        vectors = _rows_of(rows, [layer.ia3_l[name].flatten() for layer, name in scale_out],
-                           [name for _, name in scale_out], "ones")
+        vectors = _rows_of(rows, {name: layer.ia3_l[name].flatten() for name, layer in scale_out.items()}, 1.0)
         result = (result * vectors.view(_broadcast(result, vectors))).to(result.dtype)
     if lora:
         result = (result + _lora_delta(lora, rows, x).reshape(result.shape)).to(result.dtype)
@@ -300,42 +339,41 @@ def _broadcast(x: Any, rows: Any) -> tuple[int, ...]:
     return (x.shape[0],) + (1,) * (x.dim() - 2) + (rows.shape[-1],)
 
 
-def _rows_of(rows: _Rows, tensors: list[Any], names: list[str], fill: str) -> Any:
-    """Row i's tensor (of ``tensors``, one per adapter of ``names``), or zeros/ones for a row whose adapter has
+def _rows_of(rows: _Rows, tensors: dict[str, Any], fill: float) -> Any:
+    """Row i's tensor (``tensors`` has one per adapter), or one filled with ``fill`` for a row whose adapter has
     none here: stacked, then gathered by row."""
     import torch
 
-    present, index, absent = rows.slots(names)
-    by_name = dict(zip(names, tensors))
-    stack = [by_name[name] for name in present]
+    present, index, absent = rows.slots(tensors)
+    stack = [tensors[name] for name in present]
     if absent:
-        stack.append(torch.ones_like(stack[0]) if fill == "ones" else torch.zeros_like(stack[0]))
+        stack.append(torch.full_like(stack[0], fill))
     return torch.stack(stack).index_select(0, index)
 
 
-def _lora_delta(lora: list[tuple[Any, str]], rows: _Rows, x: Any) -> Any:
+def _lora_delta(lora: dict[str, Any], rows: _Rows, x: Any) -> Any:
     """``lora_B(lora_A(x)) * scaling`` with each row's own adapter (zeros for rows without one here)."""
     import torch
     from torch.nn.functional import pad
 
-    names = [name for _, name in lora]
-    rank = max(layer.lora_A[name].weight.shape[0] for layer, name in lora)
-    # Zeros add exact zeros: a smaller rank is padded to the largest.
-    a_weights = [pad(layer.lora_A[name].weight, (0, 0, 0, rank - layer.lora_A[name].weight.shape[0]))
-                 for layer, name in lora]  # (rank, in) each
-    b_weights = [pad(layer.lora_B[name].weight, (0, rank - layer.lora_B[name].weight.shape[1]))
-                 for layer, name in lora]  # (out, rank) each
-    a_rows = _rows_of(rows, a_weights, names, "zeros")  # (batch, rank, in)
-    b_rows = _rows_of(rows, b_weights, names, "zeros")  # (batch, out, rank)
+    a_weights = {name: layer.lora_A[name].weight for name, layer in lora.items()}  # (rank, in) each
+    b_weights = {name: layer.lora_B[name].weight for name, layer in lora.items()}  # (out, rank) each
+    rank = max(w.shape[0] for w in a_weights.values())
+    if any(w.shape[0] != rank for w in a_weights.values()):  # zeros add exact zeros: pad to the largest rank
+        a_weights = {name: pad(w, (0, 0, 0, rank - w.shape[0])) for name, w in a_weights.items()}
+        b_weights = {name: pad(w, (0, rank - w.shape[1])) for name, w in b_weights.items()}
+    a_rows = _rows_of(rows, a_weights, 0.0)  # (batch, rank, in)
+    b_rows = _rows_of(rows, b_weights, 0.0)  # (batch, out, rank)
     # Dropout is the identity in eval mode; the input is cast to the adapter's dtype, as peft does.
     delta = torch.bmm(torch.bmm(_as_rows(x, x.shape[0]).to(a_rows.dtype), a_rows.transpose(1, 2)),
                       b_rows.transpose(1, 2))
-    biases = [layer.lora_B[name].bias for layer, name in lora]  # lora_bias=True gives lora_B a bias
-    if any(bias is not None for bias in biases):
+    biases = {name: layer.lora_B[name].bias for name, layer in lora.items()}  # lora_bias=True: lora_B has a bias
+    if any(bias is not None for bias in biases.values()):
         zero = b_rows.new_zeros(b_rows.shape[1])
-        delta = delta + _rows_of(rows, [zero if b is None else b for b in biases], names, "zeros")[:, None, :]
-    scaling = _rows_of(rows, [torch.tensor(float(layer.scaling[name]), dtype=delta.dtype, device=delta.device)
-                              for layer, name in lora], names, "zeros")
+        delta = delta + _rows_of(rows, {n: zero if b is None else b for n, b in biases.items()}, 0.0)[:, None, :]
+    present, index, absent = rows.slots(lora)
+    scaling = torch.tensor([float(lora[name].scaling[name]) for name in present] + [0.0] * absent,
+                           dtype=delta.dtype, device=delta.device).index_select(0, index)
     return delta * scaling[:, None, None]  # after B, as peft's lora_B(lora_A(x)) * scaling
 
 
@@ -343,6 +381,8 @@ def _head_forward(original: Any, heads: dict[str, Any], rows: _Rows, x: Any, *ar
     """Each row's own head copy (the original module for a row whose adapter has none)."""
     import torch
 
+    if not heads:
+        return _call_base(original, x, *args, **kwargs)
     present, index, absent = rows.slots(list(heads))
     modules = [heads[name] for name in present] + [original] * absent
     linear = (not args and not kwargs and all(type(m) is torch.nn.Linear for m in modules)
@@ -388,7 +428,7 @@ def _with_virtual_tokens(tree: Any, inputs: dict[str, Any], prompts: dict[str, A
     embeds = tree.get_input_embeddings()(input_ids)
     count = next(iter(prompts.values())).shape[0]
     batch = input_ids.shape[0]
-    prompt_rows = _rows_of(rows, [p.to(embeds.dtype) for p in prompts.values()], list(prompts), "zeros")
+    prompt_rows = _rows_of(rows, {name: p.to(embeds.dtype) for name, p in prompts.items()}, 0.0)
     is_prompt = torch.tensor([name in prompts for name in rows.names], device=embeds.device)
     # A prompt row: [virtual tokens | text]; any other row: [text | padding], its positions unchanged.
     ahead = torch.cat([prompt_rows, embeds], dim=1)

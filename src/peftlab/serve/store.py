@@ -57,8 +57,9 @@ class AdapterStore:
         trust_remote_code: run the base model folder's own Python code (as ``model.trust_remote_code``).
         allow_pickle: accept pickle weights (``.bin``) for the base and adapters (as ``model.allow_pickle``).
         mixing: how far rows of different LoRA, IA3 and prompt-tuning adapters share gathered forward passes
-            (:data:`peftlab.serve.mixed.MODES`): ``one`` pass for them all (the default, measured fastest), one per
-            ``method``, or one per ``adapter`` (no gathering; to measure what it is worth).
+            (:data:`peftlab.serve.mixed.MODES`): ``one`` pass for them all; one per number of virtual ``tokens``
+            (the default: prompt rows apart, measured fastest from 16 texts a batch up, docs/benchmarks.md); one
+            per ``method``; or one per ``adapter`` (no gathering; to measure what it is worth).
 
     Attributes:
         forward_passes: forward passes run so far; inference counts them (:meth:`count_passes`).
@@ -76,14 +77,14 @@ class AdapterStore:
 
     def __init__(self, base: str, adapters_dir: Path, *, max_loaded: int = 32, device: str | None = None,
                  dtype: str = "auto", max_batch_rows: int = 64, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, mixing: str = "one") -> None:
+                 allow_pickle: bool = False, mixing: str = "tokens") -> None:
         self.base = base
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
         if mixing not in MODES:
             raise ConfigError(f"mixing {mixing!r}: choose from {', '.join(MODES)}")
         self.mixing = mixing
-        self.gatherable: dict[str, bool] = {}  # peft name -> can run gathered (serve.mixed.plan's cache)
+        self.mixing_cache: dict[Any, Any] = {}  # serve.mixed's memo; emptied whenever an adapter (un)loads
         self.adapters_dir = adapters_dir
         self.max_loaded = max(0, int(max_loaded))
         self.max_batch_rows = max(1, int(max_batch_rows))
@@ -326,6 +327,7 @@ class AdapterStore:
             kind = AdapterUnavailableError if entry.out_of_memory else InvalidAdapterError
             raise kind(f"adapter {entry.name!r} failed to load: {entry.error}") from None
         entry.loaded = True
+        self.mixing_cache.clear()
         logger.info("adapter %s loaded (%s, %d held)", entry.name, entry.method, self._loaded_count())
 
     def _check_files(self, entry: AdapterEntry) -> None:
@@ -398,7 +400,7 @@ class AdapterStore:
                 model.set_adapter(self.entries[group.members[0]].peft_name)  # peft warns if the active one goes
             model.delete_adapter(entry.peft_name)
         entry.loaded = False
-        self.gatherable.pop(entry.peft_name, None)
+        self.mixing_cache.clear()
 
     def _skeleton(self, task: str, num_labels: int) -> Any:
         """A model of ``task``'s class whose parameters are the loaded base's tensors (no copy)."""
