@@ -29,7 +29,7 @@ logger = logging.getLogger("peftlab")
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/default.yaml.")]
 WorkersOpt = Annotated[int, typer.Option(help="Train up to N method/seed runs at once, each in its own process: one "
                                               "GPU (or group of GPUs) each, or cores/N CPU threads each.")]
-ClaimTimeoutOpt = Annotated[float, typer.Option(help="Seconds after which a method claim or run lock that its holder "
+ClaimTimeoutOpt = Annotated[float, typer.Option(min=1.0, help="Seconds after which a method claim or run lock that its holder "
                                                      "stopped refreshing counts as stale (taken over by --resume).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: --set training.epochs=1 (repeatable).")]
 

@@ -359,7 +359,7 @@ def _run_side_by_side(config: ExperimentConfig, jobs: list[_Job], run_dir: Path,
     """Up to ``len(worker_slots)`` runs at once, each in its own child on its own slot; a failed or killed child
     costs only its run. If this process is stopped (Ctrl-C, the run directory deleted), its children are too."""
     import queue
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     free: queue.Queue[Any] = queue.Queue()
     for slot in worker_slots:
@@ -376,7 +376,8 @@ def _run_side_by_side(config: ExperimentConfig, jobs: list[_Job], run_dir: Path,
     pool = ThreadPoolExecutor(max_workers=len(worker_slots), thread_name_prefix="peftlab-worker")
     futures = [pool.submit(one, job) for job in jobs]
     try:
-        return [future.result() for future in futures]  # in the config's order, whatever finishes first
+        wait(futures, return_when=FIRST_EXCEPTION)  # a run directory deleted under one run stops them all
+        return [future.result() for future in futures]  # in the config's order, whatever finished first
     except BaseException:
         for future in futures:
             future.cancel()

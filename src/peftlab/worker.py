@@ -181,7 +181,9 @@ def run_in_child(config: ExperimentConfig, method_config: Any, run_dir: Path, me
                 "log_level": logging.getLogger("peftlab").getEffectiveLevel(),
                 "parent_pid": os.getpid() if slot.processes == 1 else None}
         spec_file = Path(scratch) / "spec.json"
-        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        direct = slot.processes == 1  # a torchrun group reads the spec from a file: its ranks share no stdin
+        if not direct:
+            spec_file.write_text(json.dumps(spec), encoding="utf-8")
         env = {**os.environ, **slot.env, "PEFTLAB_WORKER": f"{method_config.run_name}:{seed}"}
         # The child re-imports torch/transformers (~5 s): small next to a method's training, and the price of a
         # clean process. Its output goes to this terminal (progress bars, logs), or to ``log`` with --workers.
@@ -189,7 +191,6 @@ def run_in_child(config: ExperimentConfig, method_config: Any, run_dir: Path, me
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
             handle = log.open("a", encoding="utf-8")
-        direct = slot.processes == 1  # a torchrun group reads the spec file: its ranks share no stdin
         try:
             child = subprocess.Popen(child_command(slot, spec_file), stdin=subprocess.PIPE if direct else
                                      subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT if handle else None,

@@ -224,6 +224,15 @@ def test_a_killed_worker_costs_only_its_run_and_resume_redoes_only_it(tmp_path: 
         assert [h.eval_loss for h in got.history] == pytest.approx([h.eval_loss for h in want.history], abs=1e-5)
     assert not rundir.claims_dir(out).exists() and not rundir.lock_path(out).exists()
 
+    # A worker on a group of devices runs its methods under torchrun, DDP over the group: here two CPU processes
+    # (gloo) share each epoch, so they take half the optimizer steps; rank 0 alone reports.
+    from peftlab.worker import Slot, run_in_child
+
+    group = run_in_child(config, config.method("lora"), out, tmp_path / "group" / "lora", 42, False,
+                         slot=Slot(env={"OMP_NUM_THREADS": "1"}, processes=2), log=tmp_path / "group.log")
+    assert group.status == "ok", group.error
+    assert group.train_steps == -(-reference.runs[0].train_steps // 2)
+
 
 def test_tune_workers_share_one_budget(tmp_path: Path, tiny_bert: Path, reviews_csv: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
