@@ -499,66 +499,7 @@ def _mix_baseline(cases: dict[str, dict[str, Any]], methods: dict[str, int]) -> 
     return 1.0 / sum(share / case["requests_per_s"] for share, case in singles)  # type: ignore[index]
 
 
-def render_serve_before_gathering(results: dict[str, Any]) -> list[str]:
-    load, memory = results["load"], results["memory"]
-    cases = load["cases"]
-    lines = ["## 4. Serving many adapters on one base model", "",
-             "**Stale:** measured before the server's gathered mixed pass (LoRA, IA3 and prompt tuning rows in one "
-             "batched pass); re-run with `python benchmarks/run.py --only serve`.", "",
-             f"`peftlab serve --eager` on minilm-l6 with random LoRA adapters (r={memory['rank']}, query/value); "
-             f"{cases[0]['clients']} client threads on the same machine send {cases[0]['requests']} one-text "
-             "`/v1/classify` requests, request i to adapter i mod k (`benchmarks/serve_load.py`).", "",
-             "| adapters | batching window | requests/s | p50 latency | p95 latency | requests per forward pass | "
-             "server RSS |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in cases:
-        lines.append(f"| {c['adapters']} | {c['batch_window_ms']:g} ms | {c['requests_per_s']:.0f} | "
-                     f"{c['p50_ms']:.0f} ms | {c['p95_ms']:.0f} ms | {c['requests'] / max(1, c['forward_passes']):.1f} "
-                     f"| {c['server_rss_bytes'] / MiB:.0f} MiB |")
-    one = cases[0]
-    sixteen = next(c for c in cases if c["adapters"] == 16 and c["batch_window_ms"] > 0)
-    lines += ["", f"Mixed traffic over 16 adapters is served at {sixteen['requests_per_s'] / one['requests_per_s']:.2f}x "
-              "the requests/s of a single adapter, still in one forward pass per batch: rows of different LoRA "
-              "adapters share it (peft's `adapter_names`), and inside it each LoRA layer and classifier head runs "
-              "once per adapter present, on that adapter's rows, which is what the mix costs.", ""]
-    shared = {row["count"]: row for row in memory["shared"]}
-    naive = {row["count"]: row for row in memory["naive"]}
-    lines += ["Resident memory (`benchmarks/serve_memory.py`, a fresh process per row): one base with N adapters "
-              "against N independent models, one per task (what serving a merged model per task costs). The first "
-              "of each includes one-time costs (buffers, lazily imported code), so the per-task cost is the growth "
-              "from 1 to N, divided by N - 1.", "",
-              "| tasks (N) | one base + N adapters: growth over the base | each further adapter | N models: growth | "
-              "each further model |", "|---:|---:|---:|---:|---:|"]
-
-    def growth(row: dict[str, Any], start: str) -> float:
-        return (row["loaded"] - row[start]) / MiB
-
-    for count in sorted(set(shared) | set(naive)):
-        cells = []
-        for rows, start, digits in ((shared, "base", 2), (naive, "before", 1)):
-            if count in rows:
-                total = growth(rows[count], start)
-                further = ((total - growth(rows[1], start)) / (count - 1)) if count > 1 and 1 in rows else None
-                cells += [f"{total:.1f} MiB", f"{further:.{digits}f} MiB" if further is not None else "-"]
-            else:
-                cells += ["-", "-"]
-        lines.append(f"| {count} | " + " | ".join(cells) + " |")
-    f = load["forward"]
-    lines += ["", "One forward pass of the same adapter merged into the weights (`peftlab export --merge`) against "
-              "left as LoRA, in one process:", "", "| texts | LoRA (unmerged) | merged | merged / unmerged |",
-              "|---:|---:|---:|---:|"]
-    for size in (1, 32):
-        u, m = f[f"unmerged_batch{size}_ms"], f[f"merged_batch{size}_ms"]
-        lines.append(f"| {size} | {u:.1f} ms | {m:.1f} ms | {m / u:.2f}x |")
-    speedup = f["unmerged_batch1_ms"] / f["merged_batch1_ms"]
-    lines += ["", f"Merging saves LoRA's two small matrix products per adapted layer ({speedup:.2f}x faster for one "
-              "text here), but a merged model serves one task, and each further task then costs a whole model of "
-              "memory instead of an adapter's.", ""]
-    return lines
-
-
 def render_serve(results: dict[str, Any]) -> list[str]:
-    if "case" not in results["load"]["cases"][0]:  # results from before the gathered mixed pass
-        return render_serve_before_gathering(results)
     load, memory = results["load"], results["memory"]
     cases = {c["case"]: c for c in load["cases"]}
     first = load["cases"][0]
