@@ -180,11 +180,21 @@ def _comparison_sentences(experiment: ExperimentResult) -> list[str]:
     return sentences
 
 
+def _percent(share: float) -> str:
+    """A share as a percentage with two significant digits and no exponent: 100%, 12%, 1.3%, 0.041%."""
+    pct = 100 * share
+    if pct >= 10:
+        return f"{pct:.0f}%"
+    if pct >= 1:
+        return f"{pct:.1f}%"
+    return f"{pct:.2g}%"
+
+
 def _cost_clause(run: RunResult, reference: RunResult) -> str:
     params = run.trainable_params / max(1, reference.trainable_params)
     disk = run.model_size_bytes / max(1, reference.model_size_bytes)
     time_ratio = run.wall_time_s / max(1e-9, reference.wall_time_s)
-    return (f"with {100 * params:.2g}% of the trainable parameters and {_ratio(disk)} of the disk size, in "
+    return (f"with {_percent(params)} of the trainable parameters and {_ratio(disk)} of the disk size, in "
             f"{_ratio(time_ratio)} the training time")
 
 

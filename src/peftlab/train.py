@@ -9,6 +9,7 @@ writes files.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -35,6 +36,7 @@ from peftlab.evaluate import (
     perplexity,
     softmax,
 )
+from peftlab.fsutil import write_json
 from peftlab.methods import MethodContext, apply_method, save_weights
 from peftlab.models import load_base_model, resolve_dtype
 from peftlab.params import parameter_parts
@@ -201,6 +203,42 @@ def _step_timer() -> Any:
             self.steps += 1
 
     return StepTimer()
+
+
+ELAPSED_FILE = "peftlab_elapsed.json"  # in each checkpoint: training seconds up to that save
+
+
+def _elapsed_clock(before: float) -> Any:
+    """Training wall time that survives a resume: each checkpoint records the seconds spent up to it (the
+    earlier sessions' included), and a resumed run starts its clock from its checkpoint's record."""
+    from transformers import TrainerCallback
+
+    class ElapsedClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.before = before
+            self.started = time.perf_counter()
+
+        @property
+        def seconds(self) -> float:
+            return self.before + time.perf_counter() - self.started
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir() and is_main_process():
+                write_json(folder / ELAPSED_FILE, {"train_seconds": self.seconds})
+
+    return ElapsedClock()
+
+
+def _seconds_before(checkpoint: str | None) -> float:
+    """Training seconds recorded in the checkpoint a run resumes from (0 without one, or for a checkpoint
+    written before peftlab recorded them)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        return float(json.loads((Path(checkpoint) / ELAPSED_FILE).read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def _adalora_callback() -> Any:
@@ -411,15 +449,16 @@ def train_method(config: ExperimentConfig, method_config: Any, data: PreparedDat
     checkpoint = _last_complete_checkpoint(method_dir / CHECKPOINTS) if resume else None
     if checkpoint:
         logger.info("%s: resuming from %s", name, checkpoint)
+    clock = _elapsed_clock(_seconds_before(checkpoint))
+    trainer.add_callback(clock)
     with PeakMemory() as memory:
-        started = time.perf_counter()
         try:
             output = trainer.train(resume_from_checkpoint=checkpoint)
         finally:
             if display is not None:
                 display.close()  # after a failure too: the terminal gets its cursor back
             tracking.detach(trainer)
-        wall = time.perf_counter() - started
+        wall = clock.seconds
     peak_accelerator = int(torch.cuda.max_memory_allocated()) if on_gpu else None
     optimizer_bytes = _optimizer_state_bytes(trainer.optimizer)
 

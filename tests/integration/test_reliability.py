@@ -42,22 +42,25 @@ def peftlab(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     model = make_tiny_bert(tmp_path / "model")
-    config = write_experiment(tmp_path, model, rows=600, epochs=3,
+    config = write_experiment(tmp_path, model, rows=400, epochs=2,
                               methods="[{method: lora, learning_rate: 0.01}, {method: full, learning_rate: 0.001}]")
 
     reference = peftlab("run", str(config), "--output", str(tmp_path / "reference"))
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
 
-    # Kill the second method (full) once its first epoch checkpoint is complete on disk.
+    # Kill the second method (full) once its first epoch checkpoint is complete on disk (the training
+    # seconds up to it are written last).
     run = peftlab("run", str(config), "--output", str(tmp_path / "killed"))
     checkpoints = tmp_path / "killed" / "full" / "checkpoints"
     deadline = time.time() + 600
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    while not list(checkpoints.glob("checkpoint-*/peftlab_elapsed.json")):
         assert run.poll() is None, "run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
+    recorded = max(json.loads(f.read_text())["train_seconds"] for f in checkpoints.glob("checkpoint-*/peftlab_elapsed.json"))
+    assert recorded > 0
     assert (tmp_path / "killed" / "lora" / "result.json").is_file()
     assert not (tmp_path / "killed" / "full" / "result.json").exists()
 
@@ -70,6 +73,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     expected = json.loads((tmp_path / "reference" / "results.json").read_text())["runs"]
     got = json.loads((tmp_path / "killed" / "results.json").read_text())["runs"]
     assert got[1]["resumed"] is True and got[0]["resumed"] is False
+    assert got[1]["wall_time_s"] > recorded  # the killed session's training time counts, not just the resumed part
     for a, b in zip(expected, got):
         assert a["name"] == b["name"]
         assert b["test_metrics"] == pytest.approx(a["test_metrics"], abs=1e-5)
