@@ -229,14 +229,16 @@ def list_methods(
         table.add_column(column, overflow="fold")
     for row in rows.values():
         merge = "yes" if row["mergeable"] else "no" if row["adapter"] else "-"
-        mixed = "yes" if row["mixed_batch"] else "no" if row["adapter"] else "-"
+        mixed = "one pass" if row["gathered"] else "per adapter" if row["adapter"] else "-"
         lr = row["options"].get("learning_rate")
         lr_text = "-" if not isinstance(lr, float) else f"{lr:.1e}" + ("*" if row["default_source"].startswith("tuned") else "")
         options = ", ".join(o for o in row["options"] if o != "learning_rate")
         table.add_row(row["method"], row["description"], options, lr_text, merge, mixed)
     console.print(table)
-    console.print("merge: `peftlab export --merge` folds the adapter into its base. mixed: rows of several such "
-                  "adapters share one forward pass in `peftlab serve`. -: a whole model, not an adapter. "
+    console.print("merge: `peftlab export --merge` folds the adapter into its base. mixed: how `peftlab serve` runs a "
+                  "batch of rows for several adapters: one pass gathers every row's own adapter weights (these "
+                  "methods mix with each other; prompt methods on encoders), per adapter runs a pass for each. "
+                  "-: a whole model, not an adapter. "
                   "lr: the default learning rate; *: chosen by a recorded tune (docs/benchmarks.md section 3), "
                   "the others provisional (docs/methods.md). `peftlab methods NAME`: options, defaults and search "
                   "space.")
@@ -252,8 +254,9 @@ def _show_method(console: Any, row: dict[str, Any]) -> None:
 
     console.print(f"[bold]{row['method']}[/bold]: {row['description']}")
     if row["adapter"]:
+        how = "one gathered pass for every adapter's rows" if row["gathered"] else "one pass per adapter"
         console.print(f"saved as an adapter; mergeable: {'yes' if row['mergeable'] else 'no'}; mixed batches in "
-                      f"the server: {'yes' if row['mixed_batch'] else 'no'}")
+                      f"the server: {how}")
     else:
         console.print("saved as a whole model folder (plain transformers loads it)")
     table = Table(show_header=True)

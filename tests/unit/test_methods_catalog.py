@@ -230,6 +230,19 @@ def test_declared_mixed_batch_capability_is_what_peft_does(method: str, tiny_ber
     assert measured == METHODS[MethodName(method)].mixed_batch
 
 
+@pytest.mark.parametrize("method", [m.value for m, s in METHODS.items() if s.adapter and m is not MethodName.PEFT])
+def test_declared_gathered_pass_is_what_the_server_does(method: str, tiny_bert: Path) -> None:
+    """``gathered`` (the `peftlab methods` "mixed" column) against what serve.mixed decides for two adapters."""
+    from transformers import AutoTokenizer
+
+    from peftlab.serve import mixed
+
+    model = _perturbed_pair(method, tiny_bert, AutoTokenizer.from_pretrained(str(tiny_bert)))
+    for config in model.peft_config.values():
+        config.inference_mode = True  # as the server loads them: saved adapters come back in inference mode
+    assert all(mixed._gatherable(model, name) for name in ("default", "b")) == METHODS[MethodName(method)].gathered
+
+
 def test_all_methods_config_runs_every_named_method_once() -> None:
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "all_methods.yaml")
     assert sorted(m.method for m in config.methods) == sorted(NAMED)

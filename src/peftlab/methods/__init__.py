@@ -47,7 +47,9 @@ class MethodSpec:
     build: Builder  # method config + context -> peft config (None: the model itself trains)
     search_space: tuple[Parameter, ...]
     mergeable: bool = False  # `peftlab export --merge` folds the adapter into the base (peft merge_and_unload)
-    mixed_batch: bool = False  # rows of different adapters of this method share one forward pass (adapter_names)
+    mixed_batch: bool = False  # peft's own ``adapter_names`` gives rows of different adapters their own result
+    gathered: bool = False  # `peftlab serve` runs its adapters' rows in one gathered pass (serve.mixed), mixed with
+    # the other gathered methods' rows (prompt methods: where the classifier reads the first position, encoders)
     prepare: Callable[[Any, Any, MethodContext], Any] | None = None  # whole-model methods: choose what trains
 
     @property
@@ -58,17 +60,19 @@ class MethodSpec:
 
 # In the order `peftlab methods` lists them: whole-model methods, the LoRA family, other additive updates,
 # multiplicative (orthogonal) ones, norms, prompt learning, any tuner by name. mixed_batch is True only where
-# peft's layer has a mixed-batch forward (LoRA's `_mixed_batch_forward`; DoRA refuses adapter_names).
+# peft's layer has a mixed-batch forward (LoRA's `_mixed_batch_forward`; DoRA refuses adapter_names); gathered
+# where serve.mixed can stack the adapters' weights (plain LoRA, IA3, prompt embeddings). Both are tested.
 METHODS: dict[MethodName, MethodSpec] = {
     MethodName.FULL: MethodSpec(full.build, full.SEARCH_SPACE, prepare=full.train_everything),
     MethodName.BITFIT: MethodSpec(full.build, full.BITFIT_SEARCH_SPACE, prepare=full.train_biases),
-    MethodName.LORA: MethodSpec(lora.build_lora, lora.SEARCH_SPACE, mergeable=True, mixed_batch=True),
-    MethodName.RSLORA: MethodSpec(lora.build_rslora, lora.RSLORA_SEARCH_SPACE, mergeable=True, mixed_batch=True),
+    MethodName.LORA: MethodSpec(lora.build_lora, lora.SEARCH_SPACE, mergeable=True, mixed_batch=True, gathered=True),
+    MethodName.RSLORA: MethodSpec(lora.build_rslora, lora.RSLORA_SEARCH_SPACE, mergeable=True, mixed_batch=True,
+                                                gathered=True),
     MethodName.DORA: MethodSpec(lora.build_dora, lora.SEARCH_SPACE, mergeable=True),
     MethodName.LOHA: MethodSpec(lora.build_loha, lora.LOHA_SEARCH_SPACE, mergeable=True),
     MethodName.LOKR: MethodSpec(lora.build_lokr, lora.LOKR_SEARCH_SPACE, mergeable=True),
     MethodName.ADALORA: MethodSpec(lora.build_adalora, lora.ADALORA_SEARCH_SPACE, mergeable=True),
-    MethodName.IA3: MethodSpec(ia3.build, ia3.SEARCH_SPACE, mergeable=True),
+    MethodName.IA3: MethodSpec(ia3.build, ia3.SEARCH_SPACE, mergeable=True, gathered=True),
     MethodName.VERA: MethodSpec(spectral.build_vera, spectral.VERA_SEARCH_SPACE, mergeable=True),
     MethodName.FOURIERFT: MethodSpec(spectral.build_fourierft, spectral.FOURIERFT_SEARCH_SPACE, mergeable=True),
     MethodName.C3A: MethodSpec(spectral.build_c3a, spectral.C3A_SEARCH_SPACE, mergeable=True),
@@ -76,9 +80,10 @@ METHODS: dict[MethodName, MethodSpec] = {
     MethodName.BOFT: MethodSpec(orthogonal.build_boft, orthogonal.BOFT_SEARCH_SPACE, mergeable=True),
     MethodName.HRA: MethodSpec(orthogonal.build_hra, orthogonal.HRA_SEARCH_SPACE, mergeable=True),
     MethodName.LN_TUNING: MethodSpec(norms.build, norms.SEARCH_SPACE, mergeable=True),
-    MethodName.PROMPT_TUNING: MethodSpec(prompt.build_prompt_tuning, prompt.PROMPT_TUNING_SEARCH_SPACE),
+    MethodName.PROMPT_TUNING: MethodSpec(prompt.build_prompt_tuning, prompt.PROMPT_TUNING_SEARCH_SPACE,
+                                                       gathered=True),
     MethodName.PREFIX_TUNING: MethodSpec(prompt.build_prefix_tuning, prompt.PREFIX_TUNING_SEARCH_SPACE),
-    MethodName.P_TUNING: MethodSpec(prompt.build_p_tuning, prompt.P_TUNING_SEARCH_SPACE),
+    MethodName.P_TUNING: MethodSpec(prompt.build_p_tuning, prompt.P_TUNING_SEARCH_SPACE, gathered=True),
     # Capabilities depend on the tuner chosen; declared none, so export and the server never assume them.
     MethodName.PEFT: MethodSpec(generic.build, generic.SEARCH_SPACE),
 }
@@ -167,6 +172,7 @@ def describe_methods() -> list[dict[str, Any]]:
                      "options": defaults,
                      "option_help": {key: field.description or "" for key, field in fields.items()},
                      "adapter": spec.adapter, "mergeable": spec.mergeable, "mixed_batch": spec.mixed_batch,
+                     "gathered": spec.gathered,
                      "default_source": default_source(name.value)})
     return rows
 
