@@ -360,6 +360,23 @@ def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
     assert good == [[{"row": ("a", "t0")}], [{"row": ("a", "t1")}], [{"row": ("a", "t9")}]]
 
 
+def random_requests(client: TestClient, expected: dict[str, Any], seed: int, requests: int,
+                    most_items: int) -> list[str]:
+    """One client's requests of 1..most_items random (adapter, text) rows; what went wrong in each, if anything."""
+    rng = random.Random(seed)
+    failures = []
+    for number in range(requests):
+        items = [{"adapter": rng.choice(GOOD), "text": rng.choice(TEXTS)} for _ in range(rng.randint(1, most_items))]
+        response = client.post("/v1/classify", json={"items": items})
+        try:
+            assert response.status_code == 200, response.text
+            for item, result in zip(items, response.json()["results"]):
+                assert_matches(result, expected, item["adapter"], item["text"])
+        except AssertionError as exc:
+            failures.append(f"client {seed} request {number}: {exc}")
+    return failures
+
+
 def test_poisoning_client_fails_no_valid_request(client: TestClient, expected: dict[str, Any],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """8 clients x 20 valid requests while one client keeps sending texts that must fail alone."""
@@ -372,16 +389,7 @@ def test_poisoning_client_fails_no_valid_request(client: TestClient, expected: d
     done = threading.Event()
 
     def valid(seed: int) -> None:
-        rng = random.Random(seed)
-        for number in range(20):
-            items = [{"adapter": rng.choice(GOOD), "text": rng.choice(TEXTS)} for _ in range(rng.randint(1, 3))]
-            response = client.post("/v1/classify", json={"items": items})
-            try:
-                assert response.status_code == 200, response.text
-                for item, result in zip(items, response.json()["results"]):
-                    assert_matches(result, expected, item["adapter"], item["text"])
-            except AssertionError as exc:
-                failures.append(f"client {seed} request {number}: {exc}")
+        failures.extend(random_requests(client, expected, seed, requests=20, most_items=3))
 
     def poisoner() -> None:
         rng = random.Random(-1)
@@ -445,16 +453,7 @@ def test_requests_from_threads_each_get_their_own_results(client: TestClient, ex
     failures: list[str] = []
 
     def worker(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(4):
-            items = [{"adapter": rng.choice(GOOD), "text": rng.choice(TEXTS)} for _ in range(rng.randint(1, 4))]
-            response = client.post("/v1/classify", json={"items": items})
-            try:
-                assert response.status_code == 200, response.text
-                for item, result in zip(items, response.json()["results"]):
-                    assert_matches(result, expected, item["adapter"], item["text"])
-            except AssertionError as exc:
-                failures.append(str(exc))
+        failures.extend(random_requests(client, expected, seed, requests=4, most_items=4))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for thread in threads:
