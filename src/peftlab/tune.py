@@ -292,7 +292,8 @@ def _pruning_callback(trial: Any, metric: str) -> Any:
     from transformers import TrainerCallback
 
     class ReportToStudy(TrainerCallback):
-        """Report each epoch's validation metric to the trial; stop training when the pruner says so."""
+        """Report each epoch's validation metric to the trial; stop training when the pruner says so (never at
+        the last evaluation: the trial is then complete)."""
 
         def __init__(self) -> None:
             self.pruned = False
@@ -304,7 +305,8 @@ def _pruning_callback(trial: Any, metric: str) -> Any:
                 return  # the finite guard fails a diverged trial; nothing to compare
             self.values.append(float(value))
             trial.report(float(value), len(self.values) - 1)  # step = evaluation index, the same for every trial
-            if trial.should_prune():
+            # After the last evaluation pruning saves nothing and would throw the finished trial's value away.
+            if state.global_step < state.max_steps and trial.should_prune():
                 self.pruned = True
                 control.should_training_stop = True
 

@@ -224,6 +224,20 @@ def test_a_bad_trial_is_pruned_and_a_diverging_one_fails(tmp_path: Path, tiny_be
     assert "| pruned |" in report and "| fail (" in report
 
 
+def test_a_trial_is_never_pruned_at_its_last_evaluation(tmp_path: Path, tiny_bert: Path) -> None:
+    """With one epoch the only evaluation is the last: pruning would save nothing and lose the trial's value."""
+    path = write_config(tmp_path, tiny_bert, tune={"trials": 2, "include_defaults": False, "pruner": "median",
+                                                   "prune_after_trials": 1,
+                                                   "search": {"full": {"learning_rate": {"low": 1e-9, "high": 1e-2}}}},
+                        training={"epochs": 1, "metric_for_best_model": "loss"})
+    storage = tmp_path / "s.journal"
+    enqueue(path, storage, "full", [{"learning_rate": 2e-3}, {"learning_rate": 1e-9}])
+    study = tune_module.tune(load_config(path), tmp_path / "tune", storage=f"journal:{storage}")
+    trials = study.methods[0].trials
+    assert [(t.state, len(t.intermediate)) for t in trials] == [("COMPLETE", 1), ("COMPLETE", 1)]
+    assert trials[1].value > trials[0].value  # the bad trial is worse (loss): below the median, yet kept
+
+
 def test_without_a_pruner_the_bad_trial_trains_to_the_end(tmp_path: Path, tiny_bert: Path) -> None:
     path = write_config(tmp_path, tiny_bert, tune={"trials": 2, "include_defaults": False, "pruner": "none",
                                                    "prune_after_trials": 1,
