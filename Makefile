@@ -33,11 +33,16 @@ browser:
 demo: setup
 	$(BIN)/peftlab run configs/default.yaml --resume
 
+# Tests run in TEST_WORKERS pytest-xdist processes of one torch thread each: many tests wait on a child
+# process or a server, and two threads per process on two cores make every process slower (OpenMP spin).
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: setup
-	$(BIN)/python -m pytest tests -q
+	$(PYTEST) tests
 
 test-unit: setup
-	$(BIN)/python -m pytest tests/unit -q
+	$(PYTEST) tests/unit
 
 bench: setup
 	$(BIN)/python benchmarks/run.py
