@@ -700,7 +700,8 @@ class TuneConfig(_Strict):
                                 "(at least 1, at most 10).")
     pruner: Literal["median", "none"] = Field(
         "median", description="median: stop a trial whose validation metric after an epoch is below the median of "
-                              "earlier trials at that epoch; none: every trial trains to the end.")
+                              "earlier trials at that epoch (never after its last epoch, when the trial is complete); none: every "
+                              "trial trains to the end.")
     prune_after_trials: int = Field(2, ge=0, description="Trials that always run to the end before pruning starts.")
     prune_warmup_epochs: int = Field(0, ge=0, description="Evaluations (epochs) before a trial may be pruned.")
     include_defaults: bool = Field(True, description="Trial 0 of each method uses the config's own settings, so a "
