@@ -184,7 +184,8 @@ def tuned_method(method: str) -> dict[str, Any]:
                     "best_trial": study["best_trial"], "best_validation": study["best_value"],
                     "chosen": study["chosen"], "defaults_won": study["best_trial"] == 0,
                     "validation": [t["value"] for t in study["trials"]],
-                    "learning_rates": [t["params"].get("learning_rate") for t in study["trials"]]}
+                    "learning_rates": [t["params"].get("learning_rate") for t in study["trials"]],
+                    "space": study.get("space", []), "best_params": study.get("best_params", {})}
     run["tune_and_run_wall_s"] = wall
     if run.get("predictions_file"):
         run["majority_f1"] = majority_f1(out / run["predictions_file"])
@@ -388,6 +389,8 @@ def _chosen_options(chosen: dict[str, Any]) -> str:
 def render_methods(results: dict[str, Any]) -> list[str]:
     import matplotlib
 
+    from peftlab.results import range_edges
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -436,6 +439,13 @@ def render_methods(results: dict[str, Any]) -> list[str]:
                                                    for v, lr in zip(runs[n].get('study', {}).get('validation', []),
                                                                     runs[n].get('study', {}).get('learning_rates', [])))
                                  for n in short) + ".")]
+        edges = {n: range_edges(runs[n]["study"].get("space", []), runs[n]["study"].get("best_params", {}))
+                 for n in short}
+        if any(edges.values()):
+            lines += ["", "At an end of the range searched (the optimum may lie beyond it, so the range, not only the "
+                      "budget, may have held these back): " + "; ".join(
+                          f"{n}'s best {e.name} {_lr(e.value)} in [{_lr(e.low)}, {_lr(e.high)}]"
+                          for n, found in edges.items() for e in found) + ". `tune.search` widens a range."]
     if results.get("not_run"):
         lines += ["", f"Not run under this budget yet ({len(results['not_run'])} of the config's methods): "
                   f"{', '.join(results['not_run'])}. Run them with `python benchmarks/run.py --only methods --methods "

@@ -1095,6 +1095,13 @@ def _study_sentences(study: StudyResult) -> list[str]:
     for method in study.methods:
         if method.best_trial is None:
             lines.append(f"{method.name}: no trial completed, so its settings were not changed.")
+        for edge in method.range_edges():
+            wider = ({"low": edge.low / 10, "high": edge.high} if edge.end == "low"
+                     else {"low": edge.low, "high": edge.high * 10})
+            lines.append(f"{method.name}: the best {edge.name}, {edge.value:.2g}, is at the {edge.end} end of the "
+                         f"range searched ({edge.low:.2g} to {edge.high:.2g}): a better one may lie beyond it. Widen "
+                         f"the range with tune.search: {{{method.name}: {{{edge.name}: {{low: {wider['low']:.0e}, "
+                         f"high: {wider['high']:.0e}}}}}}} and tune again.")
     return lines
 
 

@@ -231,6 +231,41 @@ class MethodStudy:
     best_params: dict[str, Any] = field(default_factory=dict)  # as the search space names them
     chosen: dict[str, Any] = field(default_factory=dict)  # the method config fields written to tuned.yaml
 
+    def range_edges(self) -> list[RangeEdge]:
+        """The log-scale parameters whose best value lies at an end of the range searched."""
+        return range_edges(self.space, self.best_params)
+
+
+# A best value within this factor of an end of its log-scale range is "at the edge": the optimum may lie outside.
+EDGE_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class RangeEdge:
+    """A searched parameter whose best value is at an end of its range."""
+
+    name: str
+    value: float
+    low: float
+    high: float
+
+    @property
+    def end(self) -> str:
+        return "low" if self.value < EDGE_FACTOR * self.low else "high"
+
+
+def range_edges(space: list[dict[str, Any]], best: dict[str, Any]) -> list[RangeEdge]:
+    """Each log-scale parameter of ``space`` whose value in ``best`` is within EDGE_FACTOR of an end."""
+    edges = []
+    for parameter in space:
+        value = best.get(parameter["name"])
+        if parameter.get("kind") != "log-uniform" or not isinstance(value, (int, float)):
+            continue
+        low, high = float(parameter["low"]), float(parameter["high"])
+        if value < EDGE_FACTOR * low or value > high / EDGE_FACTOR:
+            edges.append(RangeEdge(parameter["name"], float(value), low, high))
+    return edges
+
 
 @dataclass
 class StudyResult:

@@ -425,3 +425,28 @@ def test_shares_read_as_plain_percentages(share, text):
     from peftlab.report import _percent
 
     assert _percent(share) == text
+
+
+def test_study_report_says_when_the_best_learning_rate_is_at_an_end_of_its_range(tmp_path: Path) -> None:
+    from peftlab.report import render_study_markdown
+    from peftlab.results import MethodStudy, StudyResult, TrialRecord
+
+    space = [{"name": "learning_rate", "kind": "log-uniform", "low": 1e-4, "high": 1e-2, "description": "lr"},
+             {"name": "num_virtual_tokens", "kind": "choice", "choices": [10, 20], "description": "tokens"}]
+
+    def method(name: str, best_lr: float) -> MethodStudy:
+        trials = [TrialRecord(number=0, state="COMPLETE", params={"learning_rate": best_lr, "num_virtual_tokens": 10},
+                              value=0.3, intermediate=[0.3])]
+        return MethodStudy(name=name, method="p_tuning", study_name=name, direction="maximize", space=space,
+                           trials=trials, best_trial=0, best_value=0.3,
+                           best_params={"learning_rate": best_lr, "num_virtual_tokens": 10},
+                           chosen={"learning_rate": best_lr, "num_virtual_tokens": 10})
+
+    study = StudyResult(name="unit", metric="f1_macro", budget=1, storage="in memory", sampler="TPESampler",
+                        pruner="MedianPruner", methods=[method("low", 1.3e-4), method("middle", 1e-3),
+                                                        method("high", 8e-3)])
+    text = render_study_markdown(study, {}, tmp_path)
+    assert "low: the best learning_rate, 0.00013, is at the low end" in text
+    assert "{low: {learning_rate: {low: 1e-05, high: 1e-02}}}" in text
+    assert "high: the best learning_rate, 0.008, is at the high end" in text
+    assert "middle: the best" not in text and "num_virtual_tokens, " not in text
