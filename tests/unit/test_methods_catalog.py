@@ -349,7 +349,7 @@ def test_peftlab_methods_lists_every_method_with_its_capabilities_in_100_columns
     for name, spec in METHODS.items():
         merge, mixed = rows[name.value][-2:]
         assert merge == ("yes" if spec.mergeable else "no" if spec.adapter else "-"), name
-        assert mixed == ("yes" if spec.mixed_batch else "no" if spec.adapter else "-"), name
+        assert mixed == ("one pass" if spec.gathered else "per adapter" if spec.adapter else "-"), name
     assert len([n for n in rows if n in NAMED]) == len(NAMED) >= 17
 
     one = CliRunner().invoke(app, ["methods", "c3a"])
