@@ -235,7 +235,33 @@ def scenario_methods(train_samples: int, only: list[str] | None = None) -> dict[
                          "eval_samples": tree["data"]["max_eval_samples"], "epochs": tree["training"]["epochs"],
                          "trials": config.tune.trials, "pruner": config.tune.pruner,
                          "metric": config.training.metric_for_best_model},
-            "runs": runs}
+            "runs": runs, "followups": followup_studies(runs)}
+
+
+def followup_studies(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Studies run again after the recorded one (runs/bench-methods/<method>-<label>, e.g. another search range):
+    kept beside the recorded row, never in its place, since they spent a further budget."""
+    from peftlab.results import load_predictions
+    from peftlab.stats import experiment_statistics
+
+    found = []
+    for tune_dir in sorted(METHODS_WORK.glob("*-*-tune")):
+        method, _, label = tune_dir.name.removesuffix("-tune").partition("-")
+        result = METHODS_WORK / f"{method}-{label}" / method / "result.json"
+        if method not in runs or not (result.is_file() and (tune_dir / "study.json").is_file()):
+            continue
+        run = json.loads(result.read_text())
+        study = next(m for m in json.loads((tune_dir / "study.json").read_text())["methods"] if m["name"] == method)
+        saved = [(method, None, load_predictions(METHODS_WORK / f"{method}-{label}" / run["predictions_file"]))]
+        reference = runs.get("full")
+        if reference and reference.get("predictions_file"):
+            saved.insert(0, ("full", None, load_predictions(METHODS_WORK / "full" / reference["predictions_file"])))
+        stats = experiment_statistics(saved, "full" if len(saved) > 1 else None, samples=1000, seed=0).to_dict()
+        found.append({"method": method, "label": label, "space": study["space"], "chosen": study["chosen"],
+                      "trials": [{"params": t["params"], "value": t["value"], "state": t["state"]}
+                                 for t in study["trials"]],
+                      "stats": next(m for m in stats["methods"] if m["name"] == method)})
+    return found
 
 
 def scenario_tune_cost(train_samples: int) -> dict[str, Any]:
@@ -266,9 +292,25 @@ def render_tune_cost(r: dict[str, Any]) -> list[str]:
                      f"{_times(off['multiple_of_untuned'])} | {off['best_validation']:.3f} | "
                      f"{_times(on['multiple_of_untuned'])} | {on['best_validation']:.3f} | "
                      f"{on['pruned']} of {on['trials']} |")
-    lines += ["", "A study of N trials costs about N untuned runs without pruning; the median pruner stops trials "
-              "that are behind the median of earlier trials after an epoch, so it saves time only once a few trials "
-              "have finished (`tune.prune_after_trials`).", ""]
+    rows = r["methods"]
+    saved = {n: 1 - row["pruning_on"]["wall_s"] / row["pruning_off"]["wall_s"] for n, row in rows.items()}
+    lost = {n: row["pruning_off"]["best_validation"] - row["pruning_on"]["best_validation"] for n, row in rows.items()
+            if row["pruning_on"]["best_validation"] < row["pruning_off"]["best_validation"] - 1e-9}
+    lines += ["", "A study of N trials costs a little under N untuned runs (a trial does not read the test split). "
+              "The median pruner stops a trial whose validation metric after an epoch is below the "
+              f"median of the earlier trials' (after `tune.prune_after_trials` of them, and never after its last "
+              f"epoch). Measured here: pruning changed the study's time by "
+              + ", ".join(f"{n} {-100 * v:+.0f}%" for n, v in saved.items())
+              + (" (these runs shared the 2 cores with two other benchmark processes, so differences of a few "
+                 "percent are noise)" if r.get("shared_machine") else "") + "."]
+    if lost:
+        lines += ["", "Pruning cost quality: " + "; ".join(
+            f"{n}'s best validation F1 was {rows[n]['pruning_on']['best_validation']:.3f} with it and "
+            f"{rows[n]['pruning_off']['best_validation']:.3f} without" for n in lost)
+            + ". After one epoch of two a trial's metric says little about its last: the trials stopped there may "
+              "have finished better, and the sampler then draws its next trials from another history. "
+              "With so few epochs per trial, `tune.pruner: none` is the safer budget."]
+    lines += [""]
     return lines
 
 
@@ -434,7 +476,8 @@ def render_methods(results: dict[str, Any]) -> list[str]:
         lines += ["", f"The majority class alone scores macro F1 {floor:.3f} on this test split. "
                   + (f"Every method clears it by at least 0.15." if not short else
                      f"{', '.join(short)} stay{'s' if len(short) == 1 else ''} within 0.15 of it; "
-                     "their studies (validation F1 per trial, learning rate tried): "
+                     f"{'its study' if len(short) == 1 else 'their studies'} (validation F1 per trial, learning rate "
+                     "tried): "
                      + "; ".join(f"{n}: " + ", ".join(f"{v:.3f} at {_lr(lr)}" if v is not None else f"pruned/failed at {_lr(lr)}"
                                                    for v, lr in zip(runs[n].get('study', {}).get('validation', []),
                                                                     runs[n].get('study', {}).get('learning_rates', [])))
@@ -450,6 +493,21 @@ def render_methods(results: dict[str, Any]) -> list[str]:
         lines += ["", f"Not run under this budget yet ({len(results['not_run'])} of the config's methods): "
                   f"{', '.join(results['not_run'])}. Run them with `python benchmarks/run.py --only methods --methods "
                   "NAME,...`; the methods above are kept."]
+    for f in results.get("followups", []):
+        lr = next((p for p in f["space"] if p["name"] == "learning_rate"), None)
+        f1 = f["stats"]["metrics"]["f1_macro"]
+        diff = f["stats"].get("comparisons", {}).get("f1_macro")
+        lines += ["", f"**{f['method']}, studied again** (learning rate searched over "
+                  f"[{_lr(lr['low'])}, {_lr(lr['high'])}], {len(f['trials'])} more trials, so "
+                  f"{len(f['trials']) + runs[f['method']]['study']['trials']} in all; the row above is the first "
+                  "study, under the budget every method had): trials " + ", ".join(
+                      f"{t['value']:.3f} at {_lr(t['params'].get('learning_rate'))}" if t["value"] is not None
+                      else f"{t['state'].lower()} at {_lr(t['params'].get('learning_rate'))}" for t in f["trials"])
+                  + f"; chose {_lr(f['chosen'].get('learning_rate'))}; test macro F1 {f1['estimate']:.3f} "
+                  f"[{f1['low']:.3f}, {f1['high']:.3f}]"
+                  + (f", {diff['verdict']} full ({diff['difference']['estimate']:+.3f} "
+                     f"[{diff['difference']['low']:+.3f}, {diff['difference']['high']:+.3f}])" if diff else "")
+                  + "."]
     defaults = [n for n, r in runs.items() if r.get("study", {}).get("defaults_won")]
     if defaults:
         lines += ["", f"The configured settings (trial 0) stayed best for: {', '.join(defaults)}."]

@@ -219,7 +219,7 @@ class BitFitConfig(_MethodBase):
     """BitFit: only the bias terms (and the classifier head) train; the whole model is saved, like full."""
 
     method: Literal["bitfit"] = "bitfit"
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1.2e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class _LoraLike(_MethodBase):
@@ -249,6 +249,7 @@ class RsLoraConfig(_LoraLike):
     """rsLoRA: LoRA scaled by alpha / sqrt(r) instead of alpha / r, so that high ranks keep learning."""
 
     method: Literal["rslora"] = "rslora"
+    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
     init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description=_LORA_INIT)
     r: int = Field(64, gt=0, description="Rank of the update matrices.")
     alpha: float = Field(64, gt=0, description="Scaling numerator: the update is scaled by alpha / sqrt(r).")
@@ -258,12 +259,16 @@ class DoraConfig(_LoraLike):
     """DoRA: LoRA with a learned magnitude per output feature."""
 
     method: Literal["dora"] = "dora"
+    learning_rate: float = Field(1.2e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class LohaConfig(_LoraLike):
     """LoHa: low-rank Hadamard product updates."""
 
     method: Literal["loha"] = "loha"
+    learning_rate: float = Field(4.7e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
+    r: int = Field(4, gt=0, description="Rank of the update matrices (tuned: docs/methods.md).")
+    target_modules: Targets = Field("all-linear", description=_TARGETS + " Tuned: docs/methods.md.")
     alpha: float = Field(8, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Probability of skipping the adapter for a step (module dropout).")
 
@@ -276,7 +281,7 @@ class LokrConfig(_LoraLike):
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping the adapter for a step (module dropout).")
     decompose_factor: int = Field(-1, description="Kronecker factor size each dimension is split by; -1: the split "
                                                   "closest to square.")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(8.1e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
     @field_validator("decompose_factor")
     @classmethod
@@ -305,20 +310,20 @@ class Ia3Config(_MethodBase):
                                                                "the architecture (key, value, output.dense for BERT).")
     feedforward_modules: list[str] | None = Field(
         None, description="Which of target_modules are feed-forward layers (rescaled at their input); default: peft's.")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(3.6e-2, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class VeraConfig(_MethodBase):
     """VeRA: frozen random projections shared by all layers; each layer learns two scaling vectors."""
 
     method: Literal["vera"] = "vera"
-    r: int = Field(256, gt=0, description="Rank of the shared frozen projections; each layer trains r + out_features "
+    r: int = Field(128, gt=0, description="Rank of the shared frozen projections; each layer trains r + out_features "
                                           "values.")
     d_initial: float = Field(0.1, gt=0, description="Initial value of the d scaling vector (the VeRA paper "
                                                     "recommends 0.1 or less).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
     target_modules: Targets = Field(None, description=_TARGETS)
-    learning_rate: float = Field(1e-2, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(4.8e-2, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class OftConfig(_MethodBase):
@@ -375,7 +380,7 @@ class C3aConfig(_MethodBase):
     block_size: int = Field(64, gt=0, description="Circulant block size; must divide each adapted layer's input and "
                                                   "output features (smaller: more parameters).")
     target_modules: Targets = Field(None, description=_TARGETS)
-    learning_rate: float = Field(1e-1, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1.1e-1, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class LnTuningConfig(_MethodBase):
@@ -398,7 +403,7 @@ class PromptTuningConfig(_MethodBase):
     init: Literal["RANDOM", "TEXT"] = Field("RANDOM", description="RANDOM embeddings, or TEXT: the embeddings of "
                                                                   "init_text's tokens.")
     init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt (init TEXT).")
-    learning_rate: float = Field(3e-2, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2.8e-1, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
     @field_validator("init", mode="before")
     @classmethod
@@ -418,7 +423,7 @@ class PrefixTuningConfig(_MethodBase):
     method: Literal["prefix_tuning"] = "prefix_tuning"
     num_virtual_tokens: int = Field(20, gt=0, description="Prefix length (virtual tokens per attention layer).")
     prefix_projection: bool = Field(False, description="Reparameterise the prefix through an MLP.")
-    learning_rate: float = Field(1e-2, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1.4e-2, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class PTuningConfig(_MethodBase):

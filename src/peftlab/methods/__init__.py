@@ -148,7 +148,9 @@ def save_weights(model: Any, folder: Path) -> None:
 # (benchmarks/results/methods.json, docs/benchmarks.md section 3), rounded to two significant digits.
 # tests/unit/test_measured_defaults.py checks each against that record. The other methods' defaults are
 # provisional, from the sources named in their builders' docstrings (docs/methods.md).
-TUNED_DEFAULTS = frozenset({MethodName.FULL, MethodName.LORA, MethodName.ADALORA})
+TUNED_DEFAULTS = frozenset({MethodName.FULL, MethodName.BITFIT, MethodName.LORA, MethodName.RSLORA, MethodName.DORA,
+                            MethodName.LOHA, MethodName.LOKR, MethodName.ADALORA, MethodName.IA3, MethodName.VERA,
+                            MethodName.C3A, MethodName.PROMPT_TUNING, MethodName.PREFIX_TUNING})
 TUNED_SOURCE = "tuned (docs/benchmarks.md section 3)"
 PROVISIONAL_SOURCE = "provisional (peft's own experiments or the paper; see docs/methods.md)"
 

@@ -47,8 +47,9 @@ def build_lora(method_config: Any, context: Any) -> Any:
 def build_rslora(method_config: Any, context: Any) -> Any:
     """rsLoRA: LoRA with ``use_rslora`` (scaling alpha / sqrt(r)); r 64, alpha 64 as peft's MetaMathQA run.
 
-    Default learning rate 5e-4, provisional: LoRA's. peft's method comparison (method_comparison/MetaMathQA,
-    lora/llama-3.2-3B-rank64-rslora) trains rsLoRA r64 at the same learning rate as LoRA r32 (1e-4 there).
+    Default learning rate 5e-4, tuned (docs/methods.md: the study kept it). It started as LoRA's; peft's method
+    comparison (method_comparison/MetaMathQA, lora/llama-3.2-3B-rank64-rslora) trains rsLoRA r64 at the same
+    learning rate as LoRA r32 (1e-4 there).
     """
     from peft import LoraConfig
 
@@ -74,8 +75,8 @@ def build_loha(method_config: Any, context: Any) -> Any:
 def build_lokr(method_config: Any, context: Any) -> Any:
     """LoKr (LyCORIS): a Kronecker product of a small full factor and a low-rank one.
 
-    Default learning rate 3e-3 and alpha = 2r, provisional: peft's method comparison
-    (method_comparison/MetaMathQA, lokr/llama-3.2-3B-rank32-factor4-lr0.003: r 32, alpha 64, lr 3e-3).
+    Default learning rate 8.1e-3, tuned (docs/methods.md); alpha = 2r. The study started from 3e-3: peft's method
+    comparison (method_comparison/MetaMathQA, lokr/llama-3.2-3B-rank32-factor4-lr0.003: r 32, alpha 64, lr 3e-3).
     """
     from peft import LoKrConfig
 

@@ -25,10 +25,10 @@ C3A_SEARCH_SPACE: tuple[Parameter, ...] = (
 def build_vera(method_config: Any, context: Any) -> Any:
     """VeRA: frozen random matrices shared across layers, scaled by two learned vectors per layer.
 
-    Default learning rate 1e-2, provisional: peft's examples/sequence_classification/VeRA.ipynb (RoBERTa-base,
-    MRPC) trains the VeRA vectors at 2e-2 and the classifier head at 1e-2; peftlab has one learning rate for
-    both and takes the head's. (peft's MetaMathQA run, vera/llama-3.2-3B-default, used 1e-3.) r 256 and
-    d_initial 0.1: peft's defaults.
+    Default learning rate 4.8e-2 and r 128, tuned (docs/methods.md). The study started from 1e-2 and r 256: peft's
+    examples/sequence_classification/VeRA.ipynb (RoBERTa-base, MRPC) trains the VeRA vectors at 2e-2 and the
+    classifier head at 1e-2; peftlab has one learning rate for both and takes the head's. (peft's MetaMathQA run,
+    vera/llama-3.2-3B-default, used 1e-3.) d_initial 0.1: peft's default.
     """
     from peft import VeraConfig
 
@@ -52,8 +52,8 @@ def build_fourierft(method_config: Any, context: Any) -> Any:
 def build_c3a(method_config: Any, context: Any) -> Any:
     """C3A: a block-circulant update applied as a circular convolution.
 
-    Default learning rate 1e-1 and block size 64, provisional: peft's method comparison
-    (method_comparison/MetaMathQA, c3a/llama-3.2-3B-default: lr 3e-1, block size 64) and
+    Default learning rate 1.1e-1 and block size 64, tuned (docs/methods.md). The study started from 1e-1: peft's
+    method comparison (method_comparison/MetaMathQA, c3a/llama-3.2-3B-default: lr 3e-1, block size 64) and
     examples/sequence_classification/C3A.ipynb (RoBERTa-base: C3A at 3e-1, the head at 4e-6). peftlab has one
     learning rate for the adapter and the head, so a third of the adapter's.
     """
