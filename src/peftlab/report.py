@@ -181,13 +181,9 @@ def _comparison_sentences(experiment: ExperimentResult) -> list[str]:
 
 
 def _percent(share: float) -> str:
-    """A share as a percentage with two significant digits and no exponent: 100%, 12%, 1.3%, 0.041%."""
+    """A share as a percentage with two significant digits and no exponent: 100%, 12%, 1.3%, 1%, 0.041%."""
     pct = 100 * share
-    if pct >= 10:
-        return f"{pct:.0f}%"
-    if pct >= 1:
-        return f"{pct:.1f}%"
-    return f"{pct:.2g}%"
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
 
 
 def _cost_clause(run: RunResult, reference: RunResult) -> str:

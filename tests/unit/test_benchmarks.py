@@ -27,9 +27,9 @@ def bench() -> Any:
     return module
 
 
-def saved_results() -> dict[str, Any]:
+def saved_results(bench: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for name in ("recipe", "lora", "methods", "serve", "fast"):
+    for name in bench.SCENARIOS:
         path = REPO / "benchmarks" / "results" / f"{name}.json"
         if path.is_file():
             results[name] = json.loads(path.read_text())
@@ -40,7 +40,7 @@ def saved_results() -> dict[str, Any]:
 def test_docs_benchmarks_md_is_rendered_from_the_saved_results(bench: Any, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "DOCS", tmp_path)  # the plot goes to tmp, not over docs/
-    rendered = bench.render(saved_results())
+    rendered = bench.render(saved_results(bench))
     assert rendered == (REPO / "docs" / "benchmarks.md").read_text(), (
         "docs/benchmarks.md differs from benchmarks/results/*.json: run `python benchmarks/run.py --render-only`")
     assert (tmp_path / "benchmarks_methods.png").stat().st_size > 10_000
@@ -48,7 +48,7 @@ def test_docs_benchmarks_md_is_rendered_from_the_saved_results(bench: Any, tmp_p
 
 def test_target_verdicts_follow_the_numbers(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "DOCS", tmp_path)
-    results = saved_results()
+    results = saved_results(bench)
     slow = copy.deepcopy(results)
     ladder = slow["recipe"]["ladder"]
     first = next(iter(ladder.values()))

@@ -420,7 +420,7 @@ def test_summary_names_methods_near_the_majority_class_floor(tmp_path: Path) -> 
     assert "p_tuning is within 0.15 of it" in floor and "full" not in floor.split(";")[1]
 
 
-@pytest.mark.parametrize("share, text", [(1.0, "100%"), (0.123, "12%"), (0.0134, "1.3%"), (0.00041, "0.041%")])
+@pytest.mark.parametrize("share, text", [(1.0, "100%"), (0.123, "12%"), (0.0134, "1.3%"), (0.01, "1%"), (0.00041, "0.041%")])
 def test_shares_read_as_plain_percentages(share, text):
     from peftlab.report import _percent
 
