@@ -193,13 +193,23 @@ def _load_plain_model(gguf_path: Path) -> PreTrainedModel:
     # GGUF-loaded model does (the GGUF has no output.weight tensor at all).
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = gguf_model.state_dict()
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    for name in tied:
+        # The output layer is the input embeddings (tie_weights below); the GGUF-loaded model's own entry
+        # for it is not always tied yet (seen as a meta placeholder), so it is never copied.
+        state.pop(name, None)
     try:
-        # strict: a missing or extra tensor means the rebuilt model is not the
+        # Every other tensor must fit: a missing or extra one means the rebuilt model is not the
         # GGUF model, and we would silently ship random weights.
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ModelError(f"GGUF weights from {gguf_path} do not fit a plain {type(model).__name__}: {exc}") from exc
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"GGUF weights from {gguf_path} do not fit a plain {type(model).__name__}: missing "
+                         f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
+    if tied:  # explicitly, so the output layer can never be left as freshly initialised weights
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.generation_config = gguf_model.generation_config
     model.eval()
     del gguf_model, state
