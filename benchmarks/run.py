@@ -428,6 +428,11 @@ def _chosen_options(chosen: dict[str, Any]) -> str:
                      for k, v in rest.items()) or "-"
 
 
+def _trial_text(value: float | None, lr: float | None, unfinished: str) -> str:
+    """One trial of a study: its validation F1 at its learning rate, or why it has none."""
+    return f"{value:.3f} at {_lr(lr)}" if value is not None else f"{unfinished} at {_lr(lr)}"
+
+
 def render_methods(results: dict[str, Any]) -> list[str]:
     import matplotlib
 
@@ -478,7 +483,7 @@ def render_methods(results: dict[str, Any]) -> list[str]:
                      f"{', '.join(short)} stay{'s' if len(short) == 1 else ''} within 0.15 of it; "
                      f"{'its study' if len(short) == 1 else 'their studies'} (validation F1 per trial, learning rate "
                      "tried): "
-                     + "; ".join(f"{n}: " + ", ".join(f"{v:.3f} at {_lr(lr)}" if v is not None else f"pruned/failed at {_lr(lr)}"
+                     + "; ".join(f"{n}: " + ", ".join(_trial_text(v, lr, "pruned/failed")
                                                    for v, lr in zip(runs[n].get('study', {}).get('validation', []),
                                                                     runs[n].get('study', {}).get('learning_rates', [])))
                                  for n in short) + ".")]
@@ -501,8 +506,8 @@ def render_methods(results: dict[str, Any]) -> list[str]:
                   f"[{_lr(lr['low'])}, {_lr(lr['high'])}], {len(f['trials'])} more trials, so "
                   f"{len(f['trials']) + runs[f['method']]['study']['trials']} in all; the row above is the first "
                   "study, under the budget every method had): trials " + ", ".join(
-                      f"{t['value']:.3f} at {_lr(t['params'].get('learning_rate'))}" if t["value"] is not None
-                      else f"{t['state'].lower()} at {_lr(t['params'].get('learning_rate'))}" for t in f["trials"])
+                      _trial_text(t["value"], t["params"].get("learning_rate"), t["state"].lower())
+                      for t in f["trials"])
                   + f"; chose {_lr(f['chosen'].get('learning_rate'))}; test macro F1 {f1['estimate']:.3f} "
                   f"[{f1['low']:.3f}, {f1['high']:.3f}]"
                   + (f", {diff['verdict']} full ({diff['difference']['estimate']:+.3f} "
