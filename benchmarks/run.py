@@ -613,9 +613,9 @@ def render_serve(results: dict[str, Any]) -> list[str]:
     lines += ["", "Rows of different adapters share one forward pass (`peftlab.serve.mixed`), whatever their method "
               "among LoRA, IA3 and prompt tuning: the server's PeftModels are skeletons over the same base tensors, "
               "so one of them runs every row, and in each layer some row's adapter adapts, every row's own LoRA "
-              "A/B matrices or IA3 vector are gathered from a stack of the adapters in the batch (`index_select`) "
-              "and applied with batched matmuls (`torch.bmm`); heads alike; prompt-tuning rows get their own "
-              "virtual tokens ahead of the text, the other rows as many masked positions after it. The adapter part "
+              "A/B matrices or IA3 vector are gathered from a stack of the adapters held there (`index_select`; "
+              "the stacks are built once, not in every pass) and applied with batched matmuls (`torch.bmm`); "
+              "heads alike; prompt-tuning rows get their own virtual tokens ahead of the text, the other rows as many masked positions after it. The adapter part "
               "of a pass no longer grows with the number of adapters in it (peft's own `adapter_names` runs each "
               "layer once per adapter present, on its rows, and cannot mix methods).", ""]
     modes = load.get("modes", {})
