@@ -154,8 +154,9 @@ def missing_sentences(experiment: ExperimentResult) -> list[str]:
     """Which runs of the config this report lacks (another process trains them, or nobody ran them yet)."""
     if not experiment.missing:
         return []
-    return [f"Not in this report yet: {'; '.join(experiment.missing)}. `peftlab report RUN_DIR` merges them once "
-            f"they finish."]
+    # No markup: summary sentences are escaped as text (md_escape), so backticks would show as written.
+    return [f"Not in this report yet: {'; '.join(experiment.missing)}. Once they finish, peftlab report RUN_DIR "
+            f"merges them."]
 
 
 def _comparison_sentences(experiment: ExperimentResult) -> list[str]:

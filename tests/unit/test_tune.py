@@ -175,6 +175,28 @@ def test_trial_0_is_exactly_the_configured_run_even_outside_the_space(tmp_path: 
     assert tune_module._space(off, off.method("lora")) == search_space("lora")
 
 
+def test_the_trial_after_the_configured_one_is_a_random_draw() -> None:
+    """Trial 0 (the configured settings) is no start-up trial: TPE modelling from it alone samples beside it."""
+    import optuna
+
+    from peftlab.config import TuneConfig
+
+    tune = TuneConfig(trials=4)
+    assert tune_module.startup_trials(tune) == 1  # a third of the 3 trials after trial 0
+    assert tune_module.startup_trials(TuneConfig(trials=4, include_defaults=False)) == 1
+    assert tune_module.startup_trials(TuneConfig(trials=31)) == 10
+    learning_rate = {"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)}
+    draws = []
+    for seed in range(8):
+        study = optuna.create_study(direction="maximize")
+        study.enqueue_trial({"learning_rate": 1e-3})
+        study.tell(study.ask(learning_rate), 0.5)
+        study.sampler = tune_module._sampler(tune, seed)
+        draws.append(study.ask(learning_rate).params["learning_rate"])
+    # Random draws over four decades; TPE from trial 0 alone stayed within 2x of 1e-3 for all eight seeds.
+    assert max(draws) / min(draws) > 100
+
+
 def test_the_test_split_is_never_read(tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peftlab import train
 
