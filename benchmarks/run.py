@@ -178,14 +178,16 @@ def tuned_method(method: str) -> dict[str, Any]:
     elif (tune_dir / "bench_wall_s.txt").exists():
         wall = float((tune_dir / "bench_wall_s.txt").read_text())
     run = json.loads((out / method / "result.json").read_text())
-    study = next(m for m in json.loads((tune_dir / "study.json").read_text())["methods"] if m["name"] == method)
+    recorded = json.loads((tune_dir / "study.json").read_text())
+    study = next(m for m in recorded["methods"] if m["name"] == method)
     states = [t["state"] for t in study["trials"]]
     run["study"] = {"trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
                     "best_trial": study["best_trial"], "best_validation": study["best_value"],
                     "chosen": study["chosen"], "defaults_won": study["best_trial"] == 0,
                     "validation": [t["value"] for t in study["trials"]],
                     "learning_rates": [t["params"].get("learning_rate") for t in study["trials"]],
-                    "space": study.get("space", []), "best_params": study.get("best_params", {})}
+                    "space": study.get("space", []), "best_params": study.get("best_params", {}),
+                    "sampler": recorded.get("sampler", "")}
     run["tune_and_run_wall_s"] = wall
     if run.get("predictions_file"):
         run["majority_f1"] = majority_f1(out / run["predictions_file"])
@@ -433,6 +435,24 @@ def _trial_text(value: float | None, lr: float | None, unfinished: str) -> str:
     return f"{value:.3f} at {_lr(lr)}" if value is not None else f"{unfinished} at {_lr(lr)}"
 
 
+def _range_now(method: str, edge: Any) -> str:
+    """Where the method's shipped search space puts the range of ``edge``'s parameter now, if it moved since."""
+    from peftlab.methods import search_space
+
+    now = next((p for p in search_space(method) if p.name == edge.name), None)
+    if now is None or (float(now.low), float(now.high)) == (edge.low, edge.high):
+        return ""
+    return f" (searched now: [{_lr(now.low)}, {_lr(now.high)}])"
+
+
+def _trial_1_beside_trial_0(study: dict[str, Any]) -> bool:
+    """A study of the sampler that counted trial 0 as its start-up trial (its description predates the fix) whose
+    trial 1 lies beside trial 0."""
+    rates = study.get("learning_rates") or []
+    old_sampler = "after the configured trial 0" not in study.get("sampler", "")
+    return old_sampler and len(rates) > 1 and None not in rates[:2] and max(rates[:2]) / min(rates[:2]) < 2.5
+
+
 def render_methods(results: dict[str, Any]) -> list[str]:
     import matplotlib
 
@@ -454,8 +474,15 @@ def render_methods(results: dict[str, Any]) -> list[str]:
              f"method, the same for every method** (trial 0 is the config's own settings, then TPE), "
              f"{settings['pruner']} pruning, on validation {settings['metric']} only; the test split is read once, "
              "by the final run with the chosen settings. Intervals are 95% bootstrap intervals over the test rows "
-             "(1,000 resamples); the difference from full is paired (the same resampled rows for both).", "",
-             "| method | chosen learning rate | other chosen settings | trials (pruned) | best validation F1 | "
+             "(1,000 resamples); the difference from full is paired (the same resampled rows for both).", ""]
+    beside = [name for name, run in runs.items() if _trial_1_beside_trial_0(run.get("study", {}))]
+    if beside:
+        lines += [f"In {len(beside)} of these {len(runs)} studies trial 1's learning rate lies within 2.5x of trial "
+                  "0's: they ran while `peftlab tune` still counted trial 0 as TPE's random start-up trial, so TPE "
+                  "modelled trial 1 from trial 0 alone and sampled beside it. Each of them therefore explored one "
+                  "setting fewer than its budget. Studies run now draw trial 1 at random "
+                  "(`tune._sampler`).", ""]
+    lines += ["| method | chosen learning rate | other chosen settings | trials (pruned) | best validation F1 | "
              "test macro F1 [95% CI] | minus full [95% CI] | verdict | over majority class |",
              "|---|---:|---|---:|---:|---:|---:|---|---:|"]
     for name, run in runs.items():
@@ -487,13 +514,15 @@ def render_methods(results: dict[str, Any]) -> list[str]:
                                                    for v, lr in zip(runs[n].get('study', {}).get('validation', []),
                                                                     runs[n].get('study', {}).get('learning_rates', [])))
                                  for n in short) + ".")]
-        edges = {n: range_edges(runs[n]["study"].get("space", []), runs[n]["study"].get("best_params", {}))
-                 for n in short}
+        edges = {n: range_edges(r["study"].get("space", []), r["study"].get("best_params", {}))
+                 for n, r in runs.items() if "study" in r}
         if any(edges.values()):
             lines += ["", "At an end of the range searched (the optimum may lie beyond it, so the range, not only the "
                       "budget, may have held these back): " + "; ".join(
                           f"{n}'s best {e.name} {_lr(e.value)} in [{_lr(e.low)}, {_lr(e.high)}]"
-                          for n, found in edges.items() for e in found) + ". `tune.search` widens a range."]
+                          + _range_now(n, e) for n, found in edges.items() for e in found)
+                      + ". `tune.search` widens a range for one study; a range marked as searched now is the method's "
+                        "own search space since, not measured here yet."]
     if results.get("not_run"):
         lines += ["", f"Not run under this budget yet ({len(results['not_run'])} of the config's methods): "
                   f"{', '.join(results['not_run'])}. Run them with `python benchmarks/run.py --only methods --methods "

@@ -335,7 +335,7 @@ class OftConfig(_MethodBase):
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability of setting a block to identity for a step "
                                                         "(multiplicative dropout).")
     target_modules: Targets = Field(None, description=_TARGETS)
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2.8e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class BoftConfig(_MethodBase):
@@ -348,7 +348,7 @@ class BoftConfig(_MethodBase):
     dropout: float = Field(0.0, ge=0, lt=1, description="Probability of setting a block to identity for a step "
                                                         "(multiplicative dropout).")
     target_modules: Targets = Field(None, description=_TARGETS)
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2.1e-2, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class HraConfig(_MethodBase):
@@ -358,7 +358,7 @@ class HraConfig(_MethodBase):
     r: int = Field(8, gt=0, description="Householder reflections per layer; even values keep peft's identity start.")
     apply_gs: bool = Field(False, description="Gram-Schmidt-orthogonalise the reflection vectors.")
     target_modules: Targets = Field(None, description=_TARGETS)
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2.8e-2, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class FourierFtConfig(_MethodBase):
@@ -367,10 +367,10 @@ class FourierFtConfig(_MethodBase):
     method: Literal["fourierft"] = "fourierft"
     n_frequency: int = Field(1000, gt=0, description="Learned frequencies per layer (at most in x out features); "
                                                      "the layer's trainable parameter count.")
-    scaling: float = Field(150.0, gt=0, description="Scale of the update (like LoRA's alpha); peft suggests 100-150 "
-                                                    "for encoders, 300 for Llama-like models.")
+    scaling: float = Field(100.0, gt=0, description="Scale of the update (like LoRA's alpha); peft suggests 100-150 "
+                                                    "for encoders, 300 for Llama-like models (tuned: docs/methods.md).")
     target_modules: Targets = Field(None, description=_TARGETS)
-    learning_rate: float = Field(6e-2, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(8.4e-2, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class C3aConfig(_MethodBase):
@@ -390,7 +390,7 @@ class LnTuningConfig(_MethodBase):
     target_modules: list[str] | None = Field(
         None, description="Norm module names to train; default: peft's choice for the architecture, or LayerNorm "
                           "for BERT-likes.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (tuned: docs/methods.md).")
 
 
 class PromptTuningConfig(_MethodBase):
@@ -701,8 +701,9 @@ class TuneConfig(_Strict):
                                               "shared study counts the trials it already holds).")
     seed: int | None = Field(None, description="Seed of the TPE sampler; default training.seed.")
     startup_trials: int | None = Field(
-        None, gt=0, description="Random trials before TPE models the results; default a third of the budget "
-                                "(at least 1, at most 10).")
+        None, gt=0, description="Random trials before TPE models the results, besides trial 0 (the configured "
+                                "settings, with include_defaults); default a third of the rest of the budget (at "
+                                "least 1, at most 10).")
     pruner: Literal["median", "none"] = Field(
         "median", description="median: stop a trial whose validation metric after an epoch is below the median of "
                               "earlier trials at that epoch (never after its last epoch, when the trial is complete); none: every "

@@ -27,10 +27,25 @@ def recorded() -> dict:
     return json.loads(RECORD.read_text())["runs"]
 
 
+def best_study(method: str) -> dict:
+    """The recorded study of ``method`` with the best validation score: the first one (the budget every method
+    had), or a later one with another search range (section 3 shows it beside the first)."""
+    record = json.loads(RECORD.read_text())
+    first = record["runs"][method]["study"]
+    best = {"label": None, "chosen": first["chosen"], "best_validation": first["best_validation"],
+            "trials": first["trials"], "best_trial": first["best_trial"], "validation": first["validation"]}
+    for again in record.get("followups", []):
+        values = [t["value"] for t in again["trials"]]
+        top = max((t["value"] for t in again["trials"] if t["state"] == "COMPLETE"), default=None)
+        if again["method"] == method and top is not None and top > best["best_validation"]:
+            best = {"label": again["label"], "chosen": again["chosen"], "best_validation": top,
+                    "trials": len(values), "best_trial": values.index(top), "validation": values}
+    return best
+
+
 @pytest.mark.parametrize("method", sorted(m.value for m in TUNED_DEFAULTS))
 def test_a_tuned_default_is_the_recorded_studys_choice(method: str) -> None:
-    run = recorded()[method]
-    chosen = run["study"]["chosen"]
+    chosen = best_study(method)["chosen"]
     fields = METHOD_CONFIGS[method].model_fields
     assert fields["learning_rate"].default == two_digits(chosen["learning_rate"])
     if "r" in chosen:
@@ -62,9 +77,12 @@ def render_doc() -> str:
         default = METHOD_CONFIGS[method.value].model_fields.get("learning_rate")
         lr = f"{default.default:.1e}" if default is not None and isinstance(default.default, float) else "-"
         if method in TUNED_DEFAULTS:
-            study = runs[method.value]["study"]
+            study = best_study(method.value)
             trial = study["best_trial"]
-            source = (f"tuned: best of {study['trials']} trials (trial {trial}; validation macro F1 "
+            which = "" if study["label"] is None else (
+                f"the second study ({study['label']}), whose best beat the first's "
+                f"{runs[method.value]['study']['best_validation']:.3f}: ")
+            source = (f"tuned: {which}best of {study['trials']} trials (trial {trial}; validation macro F1 "
                       f"{study['best_validation']:.3f}; " + ", ".join(
                           f"{v:.3f}" if v is not None else "pruned" for v in study["validation"]) + " over the trials)")
         elif method == MethodName.PEFT:

@@ -150,7 +150,8 @@ def save_weights(model: Any, folder: Path) -> None:
 # provisional, from the sources named in their builders' docstrings (docs/methods.md).
 TUNED_DEFAULTS = frozenset({MethodName.FULL, MethodName.BITFIT, MethodName.LORA, MethodName.RSLORA, MethodName.DORA,
                             MethodName.LOHA, MethodName.LOKR, MethodName.ADALORA, MethodName.IA3, MethodName.VERA,
-                            MethodName.C3A, MethodName.PROMPT_TUNING, MethodName.PREFIX_TUNING})
+                            MethodName.C3A, MethodName.FOURIERFT, MethodName.OFT, MethodName.BOFT, MethodName.HRA,
+                            MethodName.LN_TUNING, MethodName.PROMPT_TUNING, MethodName.PREFIX_TUNING})
 TUNED_SOURCE = "tuned (docs/benchmarks.md section 3)"
 PROVISIONAL_SOURCE = "provisional (peft's own experiments or the paper; see docs/methods.md)"
 
