@@ -149,6 +149,12 @@ METHODS_CONFIG = REPO / "configs" / "all_methods.yaml"
 METHODS_WORK = REPO / "runs" / "bench-methods"
 
 
+def recorded_study(tune_dir: Path, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tune directory's study.json, and its study of ``method``."""
+    recorded = json.loads((tune_dir / "study.json").read_text())
+    return recorded, next(m for m in recorded["methods"] if m["name"] == method)
+
+
 def majority_f1(predictions_file: Path) -> float:
     """Macro F1 of predicting the most frequent class for every test row (the floor a method must clear)."""
     from peftlab.results import load_predictions
@@ -178,8 +184,7 @@ def tuned_method(method: str) -> dict[str, Any]:
     elif (tune_dir / "bench_wall_s.txt").exists():
         wall = float((tune_dir / "bench_wall_s.txt").read_text())
     run = json.loads((out / method / "result.json").read_text())
-    recorded = json.loads((tune_dir / "study.json").read_text())
-    study = next(m for m in recorded["methods"] if m["name"] == method)
+    recorded, study = recorded_study(tune_dir, method)
     states = [t["state"] for t in study["trials"]]
     run["study"] = {"trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
                     "best_trial": study["best_trial"], "best_validation": study["best_value"],
@@ -253,7 +258,7 @@ def followup_studies(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if method not in runs or not (result.is_file() and (tune_dir / "study.json").is_file()):
             continue
         run = json.loads(result.read_text())
-        study = next(m for m in json.loads((tune_dir / "study.json").read_text())["methods"] if m["name"] == method)
+        _, study = recorded_study(tune_dir, method)
         saved = [(method, None, load_predictions(METHODS_WORK / f"{method}-{label}" / run["predictions_file"]))]
         reference = runs.get("full")
         if reference and reference.get("predictions_file"):
@@ -644,7 +649,8 @@ def render_serve(results: dict[str, Any]) -> list[str]:
               "so one of them runs every row, and in each layer some row's adapter adapts, every row's own LoRA "
               "A/B matrices or IA3 vector are gathered from a stack of the adapters held there (`index_select`; "
               "the stacks are built once, not in every pass) and applied with batched matmuls (`torch.bmm`); "
-              "heads alike; prompt-tuning rows get their own virtual tokens ahead of the text, the other rows as many masked positions after it. The adapter part "
+              "heads alike; prompt-tuning rows get their own virtual tokens ahead of the text, the other rows as "
+              "many masked positions after it. The adapter part "
               "of a pass no longer grows with the number of adapters in it (peft's own `adapter_names` runs each "
               "layer once per adapter present, on its rows, and cannot mix methods).", ""]
     modes = load.get("modes", {})

@@ -32,8 +32,7 @@ def best_study(method: str) -> dict:
     had), or a later one with another search range (section 3 shows it beside the first)."""
     record = json.loads(RECORD.read_text())
     first = record["runs"][method]["study"]
-    best = {"label": None, "chosen": first["chosen"], "best_validation": first["best_validation"],
-            "trials": first["trials"], "best_trial": first["best_trial"], "validation": first["validation"]}
+    best = {"label": None, **first}
     for again in record.get("followups", []):
         values = [t["value"] for t in again["trials"]]
         top = max((t["value"] for t in again["trials"] if t["state"] == "COMPLETE"), default=None)

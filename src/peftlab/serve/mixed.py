@@ -273,7 +273,7 @@ class _Site:
     lora: dict[str, Any] = field(default_factory=dict)  # adapter -> its lora.Linear at this path
     ia3: dict[str, Any] = field(default_factory=dict)  # adapter -> its ia3.Linear at this path
     heads: dict[str, Any] = field(default_factory=dict)  # adapter -> its head copy (modules_to_save) here
-    stacks: dict[str, _Stack | None] = field(default_factory=dict)  # built on first use: see _stack
+    stacks: dict[str, _Stack | None] = field(default_factory=dict)  # built on first use: see stack()
 
     def stack(self, kind: str) -> _Stack | None:
         """This site's stack of ``kind`` ("lora", "ia3_in", "ia3_out" or "head"); None where no adapter has one
@@ -379,8 +379,7 @@ def _site_forward(site: _Site, rows: _Rows, x: Any, *args: Any, **kwargs: Any) -
 def _layer_forward(site: _Site, rows: _Rows, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Each row's own adapter on a base layer: IA3 scaling of the input (feed-forward) or output, or a LoRA update
     (a row has one adapter: the others multiply it by exact ones and add exact zeros)."""
-    lora, scale_in, scale_out = (site.stack(kind) for kind in ("lora", "ia3_in", "ia3_out"))
-    lora, scale_in, scale_out = (s if rows.any_in(s) else None for s in (lora, scale_in, scale_out))
+    lora, scale_in, scale_out = (s if rows.any_in(s) else None for s in map(site.stack, ("lora", "ia3_in", "ia3_out")))
     layer_input = x
     if scale_in:
         vectors = rows.gather(scale_in, "v")
