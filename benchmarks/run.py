@@ -615,7 +615,8 @@ def render_serve(results: dict[str, Any]) -> list[str]:
              "`peftlab serve --eager --max-loaded 0` on minilm-l6 with random adapters: LoRA "
              f"(r={memory['rank']}, query/value), IA3 (key/value/FFN output) and prompt tuning (8 virtual tokens), "
              f"each with its classifier head. {first['clients']} client threads on the same machine send one-text "
-             "`/v1/classify` requests, request i to adapter i mod k (`benchmarks/serve_load.py`). Every case is "
+             "`/v1/classify` requests, request i to adapter i mod k with a text drawn at random (seeded) from eight short "
+             "reviews (`benchmarks/serve_load.py`). Every case is "
              f"its own server, with {load.get('threads', 1)} torch thread{'s' if load.get('threads', 1) != 1 else ''} "
              "(`OMP_NUM_THREADS`: eight servers and the clients share the cores); all were started first and "
              f"then loaded in {first['rounds']} interleaved rounds "
@@ -649,16 +650,21 @@ def render_serve(results: dict[str, Any]) -> list[str]:
               "so one of them runs every row, and in each layer some row's adapter adapts, every row's own LoRA "
               "A/B matrices or IA3 vector are gathered from a stack of the adapters held there (`index_select`; "
               "the stacks are built once, not in every pass) and applied with batched matmuls (`torch.bmm`); "
-              "heads alike; prompt-tuning rows get their own virtual tokens ahead of the text, the other rows as "
-              "many masked positions after it. The adapter part "
+              "heads alike; prompt-tuning rows get their own virtual tokens ahead of the text, the other rows "
+              "masked positions after it, up to the longest row. The adapter part "
               "of a pass no longer grows with the number of adapters in it (peft's own `adapter_names` runs each "
-              "layer once per adapter present, on its rows, and cannot mix methods).", ""]
+              "layer once per adapter present, on its rows, and cannot mix methods). In every pass, mixed or not, "
+              "the model's own linear layers compute only the real tokens (`peftlab.serve.padfree`: a linear layer "
+              "is token-wise, so the padding is left out and zeros put back; attention masks it as before), so the "
+              "positions by which prompt rows lengthen a mixed pass, and the padding of texts of different "
+              "lengths, cost little.", ""]
     modes = load.get("modes", {})
     if modes:
         labels = {"one": "one pass", "tokens": "prompt rows apart", "method": "one pass per method",
                   "adapter": "one pass per adapter"}
-        lines += ["How far rows share a pass, in this process through the registry: one batch with each of 16 "
-                  "adapters present, in each mixing mode (one gathered pass for every row; prompt-tuning rows in a "
+        lines += ["How far rows share a pass, in this process through the registry: one batch of 8, 16 or 64 texts, "
+                  "text i for adapter 7i mod 16 (every method present at 8 texts, every adapter from 16), in each mixing mode (one "
+                  "gathered pass for every row; prompt-tuning rows in a "
                   "pass of their own, so that they do not lengthen the others'; one per method, the way for methods "
                   "that could not share a pass; one per adapter, no gathering); the reference is the same texts "
                   "with one adapter per method, one plain pass each: what the mix would cost if it were no mix. "
@@ -675,7 +681,8 @@ def render_serve(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {mix} | {m['texts']} | " + " | ".join(cells) + f" | {labels[fastest[key]]} | "
                          f"{m['single_ms']:.0f} ms ({m['single_passes']} pass{'es' if m['single_passes'] != 1 else ''})"
                          f" | {m['single_ms'] / m['ms'][fastest[key]]:.2f}x |")
-        default = "tokens"  # AdapterStore(mixing=...)'s default: keep it the measured fastest
+        from peftlab.serve.mixed import DEFAULT_MODE as default  # AdapterStore's: keep it the measured fastest
+
         single = {k: m for k, m in modes.items() if len(m["methods"]) == 1}
         mixes = {k: m for k, m in modes.items() if len(m["methods"]) > 1}
         gains = [m["ms"]["adapter"] / m["ms"]["one"] for m in single.values()]
@@ -686,11 +693,24 @@ def render_serve(results: dict[str, Any]) -> list[str]:
         verdict += "For the mix, the fastest was " + "; ".join(
             f"{labels[fastest[k]]} at {m['texts']} texts" for k, m in mixes.items()) + (
             f". The server runs \"{labels[default]}\" (`mixing=\"{default}\"`, the default"
-            + (", the fastest at 16 texts, about the batches of the load cases above"
-               if fastest.get("mix_batch16") == default else "; **not** the fastest at 16 texts in this run")
+            + (", the fastest at 8 texts, about the batches of the load cases above"
+               if fastest.get("mix_batch8") == default else "; **not** the fastest at 8 texts in this run")
             + "); methods it cannot gather (DoRA, LoHa, prefix tuning, ...) run one pass per adapter, in the same "
             "scheduling step.")
         lines += ["", verdict, ""]
+        padded = {k: m for k, m in modes.items() if "padded_ms" in m}
+        if padded:
+            lines += ["What leaving the padding out is worth: the same batches with every position computed "
+                      "(`skip_padding=False`) against the default, for the reference (one adapter per method) and "
+                      "for one gathered pass:", "",
+                      "| adapters | texts | reference, padding computed | reference | speed-up | one pass, padding "
+                      "computed | one pass | speed-up |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            for m in padded.values():
+                mix = " + ".join(f"{n} {method}" for method, n in m["methods"].items())
+                lines.append(f"| {mix} | {m['texts']} | {m['padded_ms']['single']:.0f} ms | {m['single_ms']:.0f} ms | "
+                             f"{m['padded_ms']['single'] / m['single_ms']:.2f}x | {m['padded_ms']['one']:.0f} ms | "
+                             f"{m['ms']['one']:.0f} ms | {m['padded_ms']['one'] / m['ms']['one']:.2f}x |")
+            lines.append("")
     shared = {row["count"]: row for row in memory["shared"]}
     naive = {row["count"]: row for row in memory["naive"]}
     lines += ["Resident memory (`benchmarks/serve_memory.py`, a fresh process per row, LoRA adapters): one base with N "

@@ -12,11 +12,12 @@ All the servers are started first, then measured in interleaved rounds (each rou
 ``--requests / --rounds`` requests in turn), so that the shared machine's changing load falls on every case
 alike: the ratios between cases are the result, the absolute numbers are this machine's at that hour.
 ``--clients`` threads, each with its own keep-alive HTTP connection, send one-text ``/v1/classify`` requests;
-request i goes to adapter ``i mod k``, so concurrent requests mix adapters. Reported per case: requests/s, p50
+request i goes to adapter ``i mod k``, so concurrent requests mix adapters, with a text drawn at random
+(seeded, the same sequence in every case) from eight short reviews. Reported per case: requests/s, p50
 and p95 latency, the forward passes and batches the server counted, and its resident memory (psutil) after.
 
 In this process: for 16 adapters of each of LoRA, IA3 and prompt tuning and for the 16-adapter mix, one batch
-of rows (16 and 64 texts, every adapter present) through the registry in each mixing mode (one gathered pass for
+of rows (8, 16 and 64 texts, every adapter present for 16 and 64) through the registry in each mixing mode (one gathered pass for
 all rows, prompt rows apart, one per method, one per adapter), and the same texts with one adapter per method
 (the reference), in interleaved rounds; and one forward pass of a merged LoRA model against the same adapter
 unmerged.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -54,6 +56,9 @@ from serve_memory import make_adapters  # noqa: E402
 TEXTS = ["a wonderful film", "dull and messy, I left early", "the acting was fine but the plot goes nowhere",
          "one of the best thrillers of the decade", "not bad", "a tedious, overlong and joyless experience",
          "charming", "I have mixed feelings about the ending"]
+# Request i's text, drawn independently of its adapter (i mod the adapters): with TEXTS[i mod 8] each of 16
+# adapters would always get the same text, and the prompt-tuning adapters of the mix always the same lengths.
+TEXT_OF = random.Random(0).choices(range(len(TEXTS)), k=4096)
 
 
 def free_port() -> int:
@@ -120,7 +125,7 @@ def load(url: str, names: list[str], requests: int, clients: int, errors: list[s
                     index = next(counter, None)
                 if index is None:
                     return
-                body = {"adapter": names[index % len(names)], "texts": [TEXTS[index % len(TEXTS)]]}
+                body = {"adapter": names[index % len(names)], "texts": [TEXTS[TEXT_OF[index % len(TEXT_OF)]]]}
                 started = time.perf_counter()
                 response = http.post("/v1/classify", json=body)
                 elapsed = time.perf_counter() - started
@@ -240,9 +245,11 @@ def cases(root: Path, folders: dict[str, list[Path]], requests: int, rounds: int
 
 
 def mixing_modes(root: Path, folders: dict[str, list[Path]], rounds: int = 7) -> dict[str, Any]:
-    """One batch with each of 16 adapters present, through the registry, in each mixing mode (serve.mixed.MODES):
-    one gathered pass for every row, one per method, one per adapter (no gathering); for 16 adapters of each
-    method and for the 16-adapter mix. Medians of interleaved rounds after a warm-up round."""
+    """One batch of 8, 16 or 64 texts over 16 adapters, through the registry, in each mixing mode
+    (serve.mixed.MODES): one gathered pass for every row, prompt rows apart, one per method, one per adapter (no
+    gathering); against the same texts with one adapter per method (the reference); the reference and one
+    gathered pass also with the padding computed (``skip_padding=False``). For 16 adapters of each method and for
+    the 16-adapter mix. Medians of interleaved rounds after a warm-up round."""
     from peftlab.serve.registry import AdapterRegistry
 
     sets = {method: {method: 16} for method in ("lora", "ia3", "prompt_tuning")}
@@ -260,20 +267,25 @@ def mixing_modes(root: Path, folders: dict[str, list[Path]], rounds: int = 7) ->
         names = sorted(registry.entries)
         modes = ("one", "tokens", "method", "adapter") if len(counts) > 1 else ("one", "adapter")
         firsts = {method: next(n for n in names if n.startswith(f"{method}-")) for method in counts}
-        for texts in (16, 64):
-            rows = [(names[i % len(names)], TEXTS[i % len(TEXTS)]) for i in range(texts)]
+        for texts in (8, 16, 64):
+            # Text i for adapter 7i mod 16: 8 texts reach adapters of every method, 16 and more every adapter.
+            rows = [(names[7 * i % len(names)], TEXTS[TEXT_OF[i]]) for i in range(texts)]
             # The reference: the same texts, each method's rows all for one adapter of it (as many rows per
             # method as in the mix), so one plain pass per method.
             singles = {method: [(firsts[method], text) for (name, text) in rows if name.startswith(f"{method}-")]
                        for method in counts}
-            times: dict[str, list[float]] = {mode: [] for mode in (*modes, "single")}
+            singles = {method: batch for method, batch in singles.items() if batch}
+            # "padded": the same with every position computed (skip_padding=False), what padfree is worth.
+            runs = (*modes, "single", "one padded", "single padded")
+            times: dict[str, list[float]] = {mode: [] for mode in runs}
             passes: dict[str, int] = {}
             for round_ in range(rounds + 1):
-                for mode in (*modes, "single"):
-                    registry.mixing = "tokens" if mode == "single" else mode
+                for mode in runs:
+                    registry.mixing = "one" if mode.startswith("single") else mode.split()[0]
+                    registry.skip_padding = not mode.endswith("padded")
                     before = registry.forward_passes
                     started = time.perf_counter()
-                    batches = list(singles.values()) if mode == "single" else [rows]
+                    batches = list(singles.values()) if mode.startswith("single") else [rows]
                     for batch in batches:
                         results = registry.classify(batch)
                         assert all(isinstance(r, dict) for r in results), results[:2]
@@ -285,7 +297,9 @@ def mixing_modes(root: Path, folders: dict[str, list[Path]], rounds: int = 7) ->
                 "set": label, "methods": counts, "texts": texts, "rounds": rounds,
                 "ms": {mode: 1000 * statistics.median(times[mode]) for mode in modes},
                 "single_ms": 1000 * statistics.median(times["single"]), "single_passes": passes.pop("single"),
-                "passes": passes}
+                "padded_ms": {"one": 1000 * statistics.median(times["one padded"]),
+                              "single": 1000 * statistics.median(times["single padded"])},
+                "passes": {mode: passes[mode] for mode in modes}}
         del registry
     return out
 

@@ -495,6 +495,7 @@ def test_every_method_on_one_registry_equals_its_predictor(tiny_bert: Path, tmp_
         make_adapter(tiny_bert, tmp_path / name, method, seed=seed)
     registry = AdapterRegistry(str(tiny_bert), tmp_path, max_loaded=0)
     registry.start(eager=True)
+    assert registry.classify([]) == [] and registry.forward_passes == 0  # no rows: nothing runs, nothing fails
     rows = [(n, t) for n in names for t in TEXTS]
     random.Random(1).shuffle(rows)
     results = registry.classify(rows)
@@ -506,9 +507,15 @@ def test_every_method_on_one_registry_equals_its_predictor(tiny_bert: Path, tmp_
                 assert isinstance(result, dict), result
                 got = [result["probabilities"][n] for n in predictor.labels]
                 np.testing.assert_allclose(got, proba[TEXTS.index(text)], atol=1e-5, rtol=0, err_msg=name)
-    # One gathered pass for the LoRA and IA3 rows, one for the prompt- and p-tuning rows (4 virtual tokens each);
-    # DoRA, LoHa and prefix tuning one pass each.
-    assert registry.forward_passes == 5
+    # One gathered pass for the LoRA, IA3, prompt- and p-tuning rows (the default mixing, "one"); DoRA, LoHa and
+    # prefix tuning one pass each. With prompt rows apart ("tokens"), one pass more.
+    assert registry.forward_passes == 4
+    registry.mixing, before = "tokens", registry.forward_passes
+    again = registry.classify(rows)
+    assert [r["label"] for r in again] == [r["label"] for r in results]
+    np.testing.assert_allclose([list(r["probabilities"].values()) for r in again],
+                               [list(r["probabilities"].values()) for r in results], atol=1e-5, rtol=0)
+    assert registry.forward_passes - before == 5
 
 
 def test_generate_with_causal_lm_adapters(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def classify(store: AdapterStore, rows: Sequence[tuple[str, str]]) -> list[dict[
         by_name.setdefault(name, []).append(index)
     names = list(by_name)
     # More distinct adapters than may be held: take them in chunks, each fully loaded while it runs.
-    step = store.max_loaded or len(names)
+    step = store.max_loaded or len(names) or 1  # no rows: nothing to run
     with store.lock_for("classification"), store.classifying():
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
@@ -119,7 +119,7 @@ def _forward(store: AdapterStore, models: dict[str, Any], batch: list[int], rows
     inputs = _encode(store, [(store.entries[rows[i][0]], rows[i][1]) for i in batch])
     with torch.inference_mode():
         logits = mixed.forward(models, dict(inputs), [store.entries[rows[i][0]].peft_name for i in batch], how,
-                               store.mixing_cache).logits
+                               store.mixing_cache, skip_padding=store.skip_padding).logits
     store.count_passes(1)
     probabilities = softmax(logits.float().cpu().numpy())  # fp32 first: bf16 has no numpy dtype
     for index, row in zip(batch, probabilities):

@@ -18,8 +18,12 @@ gathers rows instead of stacking adapters in every layer (stacking per pass made
 - heads (``modules_to_save`` copies, e.g. the classifier): ``nn.Linear`` copies gathered the same way; other
   heads run once per adapter on its rows;
 - prompt tuning (and p-tuning, whose saved prompt is its encoder's output): each row's own virtual tokens ahead
-  of its text, as peft puts them; rows of the other methods are padded at the end instead (masked positions
-  change nothing, and their positions stay those of their own pass).
+  of its text, as peft puts them; rows of the other methods are padded at the end instead, up to the longest
+  row (masked positions change nothing, and their positions stay those of their own pass).
+
+Every pass, gathered or not, runs the model's own linear layers on the real tokens only
+(:mod:`~peftlab.serve.padfree`), so the positions prompt rows add to the others cost little: one pass for every
+gatherable row (``mixing="one"``) was measured faster than prompt rows apart at the load test's batches.
 
 A row's result therefore equals its own single-adapter pass (to float rounding). peft's module trees and loaded
 weights are untouched: the forwards are instance attributes, removed when the pass ends. What cannot be gathered
@@ -34,7 +38,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["ALONE", "GATHERED", "MODES", "PEFT", "Pass", "forward", "plan"]
+from peftlab.serve.padfree import Tokens, padding_free
+
+__all__ = ["ALONE", "DEFAULT_MODE", "GATHERED", "MODES", "PEFT", "Pass", "forward", "plan"]
 
 GATHERED = "gathered"  # this module's batched forwards: one pass for every row
 PEFT = "peft"  # peft's adapter_names: one pass, each layer looping over the adapters present
@@ -44,6 +50,7 @@ ALONE = "alone"  # set_adapter and a plain pass: the rows of one adapter
 # prompt adapters apart from the others, whose pass they would lengthen); one per "method" (PeftModel, and number
 # of virtual tokens); one per "adapter" (no gathering: the baseline it is measured against).
 MODES = ("one", "tokens", "method", "adapter")
+DEFAULT_MODE = "one"  # the measured fastest at the load test's batches (docs/benchmarks.md, section 4)
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class Pass:
 
 
 def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda model: False,
-         mode: str = "tokens", cache: dict[Any, Any] | None = None) -> list[Pass]:
+         mode: str = DEFAULT_MODE, cache: dict[Any, Any] | None = None) -> list[Pass]:
     """How the rows of some adapters share forward passes.
 
     Args:
@@ -112,22 +119,26 @@ def plan(models: Mapping[str, Any], peft_mixes: Callable[[Any], bool] = lambda m
 
 
 def forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: Sequence[str], how: str,
-            cache: dict[Any, Any] | None = None) -> Any:
+            cache: dict[Any, Any] | None = None, skip_padding: bool = True) -> Any:
     """The output for ``inputs``, row i computed with adapter ``row_adapters[i]`` (in ``models[row_adapters[i]]``).
 
     Call under ``torch.inference_mode()``; ``how`` is the rows' :class:`Pass`'s; ``cache`` as :func:`plan`'s.
+    ``skip_padding``: the model's own linear layers compute the real tokens only (:mod:`~peftlab.serve.padfree`;
+    False: every position, to measure what that is worth).
     """
     names = list(row_adapters)
     model = models[names[0]]
-    if how == GATHERED and len(set(names)) > 1:
-        return _gathered_forward(models, inputs, names, {} if cache is None else cache)
-    # The active adapter is one of the batch's: a layer holding none of them then runs its base alone (peft
-    # skips an active adapter a layer lacks), as each row's own single-adapter pass would.
-    if model.active_adapter != names[0]:
-        model.set_adapter(names[0])
-    if how == PEFT and len(set(names)) > 1:
-        return model(**inputs, adapter_names=names)
-    return model(**inputs)
+    cache = {} if cache is None else cache
+    with padding_free(model.get_base_model(), cache, enabled=skip_padding) as tokens:
+        if how == GATHERED and len(set(names)) > 1:
+            return _gathered_forward(models, inputs, names, cache, tokens)
+        # The active adapter is one of the batch's: a layer holding none of them then runs its base alone (peft
+        # skips an active adapter a layer lacks), as each row's own single-adapter pass would.
+        if model.active_adapter != names[0]:
+            model.set_adapter(names[0])
+        if how == PEFT and len(set(names)) > 1:
+            return model(**inputs, adapter_names=names)
+        return model(**inputs)
 
 
 # -- what can be gathered
@@ -214,9 +225,10 @@ class _Rows:
     """The adapter of each row of one pass, and each row's slot in a :class:`_Stack` (an index tensor, made once
     per pass for every stack of the same adapters)."""
 
-    def __init__(self, row_adapters: list[str], device: Any) -> None:
+    def __init__(self, row_adapters: list[str], device: Any, tokens: Tokens) -> None:
         self.names = row_adapters
         self.device = device
+        self.tokens = tokens  # the pass's real positions: base linear layers run on them only
         self.present = set(row_adapters)
         self._index: dict[tuple[str, ...], Any] = {}
 
@@ -235,14 +247,14 @@ class _Rows:
 
 
 def _gathered_forward(models: Mapping[str, Any], inputs: dict[str, Any], row_adapters: list[str],
-                     cache: dict[Any, Any]) -> Any:
+                     cache: dict[Any, Any], tokens: Tokens) -> Any:
     host = models[row_adapters[0]]
     tree = host.get_base_model()  # the skeleton with its peft layers: every tree shares the base tensors
     peft_models = {id(m): m for m in models.values()}
     key = ("layout", id(host), tuple(sorted((id(m), tuple(m.peft_config)) for m in peft_models.values())))
     if key not in cache:
         cache[key] = _layout(tree, [m.get_base_model() for m in peft_models.values()])
-    rows = _Rows(row_adapters, next(tree.parameters()).device)
+    rows = _Rows(row_adapters, next(tree.parameters()).device, tokens)
     replaced = []
     try:
         # Every site is replaced, those where no row's adapter is run their base alone: the host's active adapter
@@ -296,13 +308,16 @@ def _build_stack(site: _Site, kind: str) -> _Stack | None:
         rank = max(w.shape[0] for w in a)  # zeros add exact zeros: every rank padded to the largest
         a = [pad(w, (0, 0, 0, rank - w.shape[0])) for w in a]
         b = [pad(w, (0, rank - w.shape[1])) for w in b]
+        # B and its bias are kept multiplied by the adapter's scaling: B(A(x)) * s = (s B)(A(x)), one product less
+        # in every pass (to float rounding).
+        scaling = [float(site.lora[n].scaling[n]) for n in names]
+        b = [w * s for w, s in zip(b, scaling)]
         tensors = {"a": torch.stack([*a, torch.zeros_like(a[0])]), "b": torch.stack([*b, torch.zeros_like(b[0])])}
         biases = [site.lora[n].lora_B[n].bias for n in names]  # lora_bias=True: lora_B has a bias
         if any(bias is not None for bias in biases):
             zero = b[0].new_zeros(b[0].shape[0])
-            tensors["bias"] = torch.stack([zero if bias is None else bias for bias in biases] + [zero])
-        tensors["scaling"] = torch.tensor([float(site.lora[n].scaling[n]) for n in names] + [0.0],
-                                          dtype=a[0].dtype, device=a[0].device)
+            tensors["bias"] = torch.stack([zero if bias is None else bias * s for bias, s in zip(biases, scaling)]
+                                          + [zero])
         return _Stack(names, tensors)
     if kind in ("ia3_in", "ia3_out"):
         layers = {n: layer for n, layer in site.ia3.items() if layer.is_feedforward == (kind == "ia3_in")}
@@ -365,7 +380,11 @@ def _as_rows(x: Any, batch: int) -> Any:
     return x.reshape(batch, -1, x.shape[-1])
 
 
-def _call_base(base: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+def _call_base(rows: _Rows, base: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    if type(base) is torch.nn.Linear and not (args or kwargs):
+        return rows.tokens.linear(x, base.weight, base.bias)  # padding-free, as the model's other linear layers
     # The class's own forward: the instance's may be the one patched here (a host module peft did not wrap).
     return type(base).forward(base, x, *args, **kwargs)
 
@@ -384,12 +403,12 @@ def _layer_forward(site: _Site, rows: _Rows, x: Any, *args: Any, **kwargs: Any) 
     if scale_in:
         vectors = rows.gather(scale_in, "v")
         layer_input = (x.to(vectors.dtype) * vectors.view(_broadcast(x, vectors))).to(x.dtype)
-    result = _call_base(site.base, layer_input, *args, **kwargs)
+    result = _call_base(rows, site.base, layer_input, *args, **kwargs)
     if scale_out:
         vectors = rows.gather(scale_out, "v")
         result = (result * vectors.view(_broadcast(result, vectors))).to(result.dtype)
     if lora:
-        result = (result + _lora_delta(lora, rows, x).reshape(result.shape)).to(result.dtype)
+        result = _add_lora(lora, rows, x, result)
     return result
 
 
@@ -397,18 +416,25 @@ def _broadcast(x: Any, rows: Any) -> tuple[int, ...]:
     return (x.shape[0],) + (1,) * (x.dim() - 2) + (rows.shape[-1],)
 
 
-def _lora_delta(lora: _Stack, rows: _Rows, x: Any) -> Any:
-    """``lora_B(lora_A(x)) * scaling`` with each row's own adapter (zeros for rows without one here)."""
+def _add_lora(lora: _Stack, rows: _Rows, x: Any, result: Any) -> Any:
+    """``result + lora_B(lora_A(x)) * scaling`` with each row's own adapter (zeros for rows without one here)."""
     import torch
 
     a_rows = rows.gather(lora, "a")  # (batch, rank, in)
-    b_rows = rows.gather(lora, "b")  # (batch, out, rank)
+    b_rows = rows.gather(lora, "b")  # (batch, out, rank), times the scaling
     # Dropout is the identity in eval mode; the input is cast to the adapter's dtype, as peft does.
-    delta = torch.bmm(torch.bmm(_as_rows(x, x.shape[0]).to(a_rows.dtype), a_rows.transpose(1, 2)),
-                      b_rows.transpose(1, 2))
+    hidden = torch.bmm(_as_rows(x, x.shape[0]).to(a_rows.dtype), a_rows.transpose(1, 2))
     if "bias" in lora.tensors:
-        delta = delta + rows.gather(lora, "bias")[:, None, :]
-    return delta * rows.gather(lora, "scaling")[:, None, None]  # after B, as peft's lora_B(lora_A(x)) * scaling
+        bias_rows = rows.gather(lora, "bias")[:, None, :]
+    if result.dtype == b_rows.dtype:  # the sum in one batched product: result + hidden B^T
+        out = torch.baddbmm(_as_rows(result, result.shape[0]), hidden, b_rows.transpose(1, 2))
+        if "bias" in lora.tensors:
+            out = out + bias_rows
+        return out.reshape(result.shape)
+    delta = torch.bmm(hidden, b_rows.transpose(1, 2))
+    if "bias" in lora.tensors:
+        delta = delta + bias_rows
+    return (result + delta.reshape(result.shape)).to(result.dtype)
 
 
 def _head_forward(site: _Site, rows: _Rows, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -416,7 +442,7 @@ def _head_forward(site: _Site, rows: _Rows, x: Any, *args: Any, **kwargs: Any) -
     import torch
 
     if rows.present.isdisjoint(site.heads):
-        return _call_base(site.base, x, *args, **kwargs)
+        return _call_base(rows, site.base, x, *args, **kwargs)
     heads = site.stack("head")
     if heads is None or args or kwargs:
         return _head_per_adapter(site.base, site.heads, rows.names, x, *args, **kwargs)
@@ -449,7 +475,8 @@ def _prompt(model: Any, name: str) -> Any:
 
 def _with_virtual_tokens(tree: Any, inputs: dict[str, Any], prompts: dict[str, Any], rows: _Rows) -> dict[str, Any]:
     """The model's inputs with each prompt row's virtual tokens ahead of its text (as peft's forward puts them:
-    inputs_embeds, attention mask and token type ids extended) and the other rows padded as long at the end."""
+    inputs_embeds, attention mask and token type ids extended) and the other rows padded at the end, to the longest
+    row's length (a prompt row with a short text may fit in a longer text's padding)."""
     import torch
 
     input_ids = inputs["input_ids"]
@@ -475,4 +502,10 @@ def _with_virtual_tokens(tree: Any, inputs: dict[str, Any], prompts: dict[str, A
         pad_types = token_types.new_zeros(batch, count)
         out["token_type_ids"] = torch.where(is_prompt[:, None], torch.cat([pad_types, token_types], 1),
                                             torch.cat([token_types, pad_types], 1))
+    # As long as the longest row, virtual tokens counted: columns of padding alone are left out.
+    width = int(out["attention_mask"].any(0).nonzero().max()) + 1
+    if width < out["attention_mask"].shape[1]:
+        for key in ("inputs_embeds", "attention_mask", "token_type_ids"):
+            if key in out:
+                out[key] = out[key][:, :width]
     return out

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from peftlab import artifacts
 from peftlab.errors import AdapterError, ConfigError
 from peftlab.serve.discovery import AdapterEntry, check_adapter_name, discover_adapters
-from peftlab.serve.mixed import MODES
+from peftlab.serve.mixed import DEFAULT_MODE, MODES
 from peftlab.serve.errors import (
     AdapterUnavailableError,
     InvalidAdapterError,
@@ -57,9 +57,11 @@ class AdapterStore:
         trust_remote_code: run the base model folder's own Python code (as ``model.trust_remote_code``).
         allow_pickle: accept pickle weights (``.bin``) for the base and adapters (as ``model.allow_pickle``).
         mixing: how far rows of different LoRA, IA3 and prompt-tuning adapters share gathered forward passes
-            (:data:`peftlab.serve.mixed.MODES`): ``one`` pass for them all; one per number of virtual ``tokens``
-            (the default: prompt rows apart, measured fastest from 16 texts a batch up, docs/benchmarks.md); one
-            per ``method``; or one per ``adapter`` (no gathering; to measure what it is worth).
+            (:data:`peftlab.serve.mixed.MODES`): ``one`` pass for them all (the default, measured fastest at
+            the load test's batches, docs/benchmarks.md); one per number of virtual ``tokens`` (prompt rows
+            apart); one per ``method``; or one per ``adapter`` (no gathering; to measure what it is worth).
+        skip_padding: the model's own linear layers compute each pass's real tokens only
+            (:mod:`peftlab.serve.padfree`); False computes the padding too, to measure what that is worth.
 
     Attributes:
         forward_passes: forward passes run so far; inference counts them (:meth:`count_passes`).
@@ -77,13 +79,14 @@ class AdapterStore:
 
     def __init__(self, base: str, adapters_dir: Path, *, max_loaded: int = 32, device: str | None = None,
                  dtype: str = "auto", max_batch_rows: int = 64, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, mixing: str = "tokens") -> None:
+                 allow_pickle: bool = False, mixing: str = DEFAULT_MODE, skip_padding: bool = True) -> None:
         self.base = base
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
         if mixing not in MODES:
             raise ConfigError(f"mixing {mixing!r}: choose from {', '.join(MODES)}")
         self.mixing = mixing
+        self.skip_padding = skip_padding
         self.mixing_cache: dict[Any, Any] = {}  # serve.mixed's memo; emptied whenever an adapter (un)loads
         self.adapters_dir = adapters_dir
         self.max_loaded = max(0, int(max_loaded))
