@@ -17,10 +17,10 @@ request i goes to adapter ``i mod k``, so concurrent requests mix adapters, with
 and p95 latency, the forward passes and batches the server counted, and its resident memory (psutil) after.
 
 In this process: for 16 adapters of each of LoRA, IA3 and prompt tuning and for the 16-adapter mix, one batch
-of rows (8, 16 and 64 texts, every adapter present for 16 and 64) through the registry in each mixing mode (one gathered pass for
-all rows, prompt rows apart, one per method, one per adapter), and the same texts with one adapter per method
-(the reference), in interleaved rounds; and one forward pass of a merged LoRA model against the same adapter
-unmerged.
+of rows (8, 16 and 64 texts, every adapter present for 16 and 64) through the registry in each mixing mode (one
+gathered pass for all rows, prompt rows apart, one per method, one per adapter), and the same texts with one
+adapter per method (the reference), the reference and one gathered pass also with the padding computed, in
+interleaved rounds; and one forward pass of a merged LoRA model against the same adapter unmerged.
 Prints one JSON line. The load generator shares the machine's cores with the server, as a client on the same
 host would.
 

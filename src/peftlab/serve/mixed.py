@@ -424,17 +424,14 @@ def _add_lora(lora: _Stack, rows: _Rows, x: Any, result: Any) -> Any:
     b_rows = rows.gather(lora, "b")  # (batch, out, rank), times the scaling
     # Dropout is the identity in eval mode; the input is cast to the adapter's dtype, as peft does.
     hidden = torch.bmm(_as_rows(x, x.shape[0]).to(a_rows.dtype), a_rows.transpose(1, 2))
+    base = _as_rows(result, result.shape[0])
+    if base.dtype == b_rows.dtype:  # the sum in one batched product: result + hidden B^T
+        out = torch.baddbmm(base, hidden, b_rows.transpose(1, 2))
+    else:
+        out = base + torch.bmm(hidden, b_rows.transpose(1, 2))
     if "bias" in lora.tensors:
-        bias_rows = rows.gather(lora, "bias")[:, None, :]
-    if result.dtype == b_rows.dtype:  # the sum in one batched product: result + hidden B^T
-        out = torch.baddbmm(_as_rows(result, result.shape[0]), hidden, b_rows.transpose(1, 2))
-        if "bias" in lora.tensors:
-            out = out + bias_rows
-        return out.reshape(result.shape)
-    delta = torch.bmm(hidden, b_rows.transpose(1, 2))
-    if "bias" in lora.tensors:
-        delta = delta + bias_rows
-    return (result + delta.reshape(result.shape)).to(result.dtype)
+        out = out + rows.gather(lora, "bias")[:, None, :]
+    return out.reshape(result.shape).to(result.dtype)
 
 
 def _head_forward(site: _Site, rows: _Rows, x: Any, *args: Any, **kwargs: Any) -> Any:

@@ -39,7 +39,7 @@ class Tokens:
         import torch
 
         self.shape = None
-        if mask is None or getattr(mask, "dim", lambda: 0)() != 2:
+        if mask is None or mask.dim() != 2:
             return
         flat = mask.reshape(-1) != 0
         real = flat.nonzero().squeeze(1)
@@ -89,12 +89,10 @@ def padding_free(tree: Any, cache: dict[Any, Any] | None = None, enabled: bool =
     if not enabled:
         yield tokens
         return
+    cache = {} if cache is None else cache
     key = ("linears", id(tree))
-    if cache is None or key not in cache:
-        forwards = [_Forward(module) for module in _own_linears(tree)]
-        if cache is None:
-            cache = {}
-        cache[key] = forwards
+    if key not in cache:
+        cache[key] = [_Forward(module) for module in _own_linears(tree)]
     forwards = cache[key]
 
     def take_mask(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
